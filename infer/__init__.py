@@ -1,0 +1,1 @@
+"""inkpipe.infer: tiling, blending, TTA, post-processing, RLE, scoring and prediction."""

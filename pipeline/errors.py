@@ -1,0 +1,59 @@
+"""The one error hierarchy of inkpipe.
+
+Every error a user can cause is an :class:`InkpipeError`. Subclasses also inherit the matching
+builtin so callers can catch either. The CLI turns an ``InkpipeError`` into a one-line message
+and exit code 1, never a traceback; so a message must say what was given, what was expected,
+and the fix, e.g. ``fragment 2: found 63 slices in fragments/2/surface_volume, expected 65``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class InkpipeError(Exception):
+    """Root of all errors caused by input, configuration or environment."""
+
+
+class InputNotFoundError(InkpipeError, FileNotFoundError):
+    """A file or folder that should exist does not."""
+
+
+class InvalidInputError(InkpipeError, ValueError):
+    """A file exists but its content is not what inkpipe expects."""
+
+
+class ConfigError(InkpipeError, ValueError):
+    """An option or configuration value is invalid."""
+
+
+class StoreError(InkpipeError, ValueError):
+    """A Zarr store is missing, foreign, or not in the expected schema."""
+
+
+class OfflineError(InkpipeError, RuntimeError):
+    """Something needed the network (e.g. pretrained weights) and the machine is offline."""
+
+
+class TrainingError(InkpipeError, RuntimeError):
+    """Training cannot continue (e.g. a non-finite loss)."""
+
+
+def closest(given: str, choices: Iterable[str]) -> str:
+    """Return a ``"; did you mean 'x'?"`` hint for ``given`` among ``choices``, or ``""``."""
+    matches = difflib.get_close_matches(given, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean '{matches[0]}'?" if matches else ""
+
+
+def check_choice(name: str, given: str, choices: Iterable[str]) -> str:
+    """Return ``given`` if it is one of ``choices``, else raise :class:`ConfigError`.
+
+    The message lists the valid choices and suggests the closest one.
+    """
+    options = list(choices)
+    if given in options:
+        return given
+    raise ConfigError(
+        f"unknown {name} '{given}'{closest(given, options)} (choose from {', '.join(options)})"
+    )

@@ -1,0 +1,341 @@
+"""``inkpipe ingest``: fragment folders -> one chunked, compressed Zarr store.
+
+Each fragment's slices are read in bands of ``chunk_layers`` layers x ``chunk_px`` rows x the
+full width (one ``pread`` per slice and band), written chunk-aligned into the volume, and
+reduced to per-layer intensity statistics inside the mask — one dask task per band, so peak
+memory is a few bands whatever the fragment's size or layer count. Tasks run on dask's local
+threads (``workers``) or on a dask.distributed cluster (``scheduler``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import zarr
+from numpy.typing import NDArray
+from tqdm.auto import tqdm
+
+from .errors import InvalidInputError
+from .fragments import CheckedFragment, FragmentSource, check_fragment, discover_fragments
+from .images import read_binary, read_gray
+from .manifest import load_manifest
+from .store import (
+    FragmentMeta,
+    StoreSettings,
+    begin_fragment,
+    create_store,
+    finish_fragment,
+    fragment_meta,
+    write_plane,
+    write_table,
+    write_windows,
+)
+from .tiff import SliceInfo, read_rows
+from .windows import index_windows
+
+HIST_SHIFT = 4  # layer histograms have 65536 >> 4 = 4096 bins of 16 grey levels
+HIST_BINS = 65536 >> HIST_SHIFT
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Everything ``ingest`` needs.
+
+    Attributes:
+        root: fragments folder (Kaggle layout, folder of fragments, or one fragment).
+        out: the store to create or update.
+        manifest: optional manifest selecting fragments, checking shapes, giving groups.
+        settings: chunking/codec/window settings; a manifest's ``ingest:`` section overrides
+            the defaults, and explicitly given options override both (see ``resolve``).
+        workers: dask threads (local scheduler).
+        scheduler: address of a dask.distributed scheduler, or None for local threads.
+        overwrite: re-ingest complete fragments even if their sources are unchanged.
+        fragment_ids: restrict to these ids (None: all found).
+        progress: show a progress bar per fragment.
+    """
+
+    root: Path
+    out: Path
+    manifest: Path | None = None
+    settings: StoreSettings = field(default_factory=StoreSettings)
+    workers: int = 2
+    scheduler: str | None = None
+    overwrite: bool = False
+    fragment_ids: tuple[str, ...] | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class FragmentResult:
+    """What happened to one fragment: ``status`` is ``"ingested"`` or ``"skipped"``."""
+
+    id: str
+    status: str
+    seconds: float
+    input_bytes: int
+    shape: tuple[int, int, int]
+
+
+def resolve_settings(manifest: Path | None, overrides: dict[str, Any]) -> StoreSettings:
+    """Return defaults, updated by the manifest's ``ingest:`` section, then by ``overrides``."""
+    values: dict[str, Any] = {}
+    if manifest is not None:
+        values.update(load_manifest(manifest).ingest)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return StoreSettings.from_mapping(values)
+
+
+def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> list[FragmentResult]:
+    """Ingest every fragment found under ``cfg.root`` into ``cfg.out``.
+
+    Complete fragments whose sources and settings are unchanged are skipped (unless
+    ``overwrite``); incomplete ones (from an interrupted run) are redone.
+
+    Returns:
+        one :class:`FragmentResult` per fragment, in discovery order.
+
+    Raises:
+        InkpipeError subclasses for any input problem, before anything is written.
+    """
+    manifest = load_manifest(cfg.manifest) if cfg.manifest else None
+    sources = discover_fragments(cfg.root, manifest)
+    if cfg.fragment_ids:
+        known = {s.id for s in sources}
+        missing = [i for i in cfg.fragment_ids if i not in known]
+        if missing:
+            raise InvalidInputError(
+                f"fragments {missing} not found in {cfg.root} (found: {sorted(known)})"
+            )
+        sources = [s for s in sources if s.id in cfg.fragment_ids]
+    # Check every fragment before writing anything: a bad file fails fast, store untouched.
+    checked = [check_fragment(s) for s in sources]
+    root = create_store(cfg.out)
+    results = []
+    client = _client(cfg.scheduler)
+    try:
+        for frag in checked:
+            results.append(_ingest_one(root, frag, cfg, client, log))
+    finally:
+        if client is not None:
+            client.close()
+    return results
+
+
+def _client(address: str | None) -> Any:
+    if address is None:
+        return None
+    from distributed import Client
+
+    return Client(address)
+
+
+def source_signature(frag: CheckedFragment) -> dict[str, list[int]]:
+    """Return ``{relative file name: [size, mtime_ns]}`` for every source file."""
+    src = frag.source
+    paths = [s.path for s in frag.slices] + [
+        p for p in (src.path / "mask.png", src.labels_path, src.ir_path) if p is not None
+    ]
+    out = {}
+    for p in paths:
+        st = p.stat()
+        out[str(p.relative_to(src.path))] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _ingest_one(
+    root: zarr.Group,
+    frag: CheckedFragment,
+    cfg: IngestConfig,
+    client: Any,
+    log: Callable[[str], None],
+) -> FragmentResult:
+    src: FragmentSource = frag.source
+    settings = cfg.settings
+    signature = source_signature(frag)
+    input_bytes = sum(v[0] for k, v in signature.items() if k.startswith("surface_volume"))
+    old = fragment_meta(root, src.id)
+    if (
+        old is not None
+        and old.complete
+        and not cfg.overwrite
+        and old.sources == signature
+        and old.settings == asdict(settings)
+    ):
+        log(f"fragment {src.id}: unchanged, skipped (use --overwrite to redo)")
+        return FragmentResult(src.id, "skipped", 0.0, input_bytes, frag.shape)
+    if old is not None:
+        reason = "incomplete from an interrupted run" if not old.complete else "changed"
+        log(f"fragment {src.id}: {reason}, re-ingesting")
+    t0 = time.perf_counter()
+    mask = read_binary(src.path / "mask.png", "mask")
+    if not mask.any():
+        raise InvalidInputError(
+            f"fragment {src.id}: mask {src.path / 'mask.png'} is empty (no papyrus pixel); "
+            "white (255) must mark the papyrus"
+        )
+    labels = read_binary(src.labels_path, "ink labels") if src.labels_path else None
+    ir = read_gray(src.ir_path, "IR image") if src.ir_path else None
+    if frag.shape[0] != 65:
+        log(f"fragment {src.id}: {frag.shape[0]} layers (the Kaggle fragments have 65)")
+    meta = FragmentMeta(
+        id=src.id,
+        split=src.split,
+        group=src.group,
+        shape=frag.shape,
+        has_labels=labels is not None,
+        has_ir=ir is not None,
+        sources=signature,
+        settings=asdict(settings),
+        extra={"source_dir": str(src.path.resolve()), "dtype": frag.dtype},
+    )
+    group = begin_fragment(root, meta, settings)
+    volume_path = Path(cfg.out) / src.id / "volume"
+    stats = _write_volume(volume_path, frag, mask, settings, cfg, client)
+    write_plane(group, "mask", mask, settings.chunk_px)
+    if labels is not None:
+        write_plane(group, "labels", labels & mask, settings.chunk_px)
+    if ir is not None:
+        write_plane(group, "ir", ir, settings.chunk_px)
+    windows = index_windows(
+        mask, labels, settings.tile_px, settings.stride_px, settings.min_coverage
+    )
+    write_windows(group, windows, settings)
+    write_table(group, "layer_stats", stats, {"columns": ["mean", "std", "p01", "p99"]})
+    seconds = time.perf_counter() - t0
+    meta = replace(meta, extra={**meta.extra, "ingest_seconds": round(seconds, 3)})
+    finish_fragment(root, group, meta)
+    n_pos = int((windows[:, 3] > 0).sum()) if len(windows) else 0
+    log(
+        f"fragment {src.id}: {frag.shape[0]}x{frag.shape[1]}x{frag.shape[2]} ingested in "
+        f"{seconds:.1f} s ({input_bytes / 1e6 / max(seconds, 1e-9):.0f} MB/s), "
+        f"{len(windows)} windows ({n_pos} with ink)"
+    )
+    return FragmentResult(src.id, "ingested", seconds, input_bytes, frag.shape)
+
+
+def band_tasks(shape: tuple[int, int, int], settings: StoreSettings) -> list[tuple[int, int, int, int]]:
+    """Return the chunk-aligned bands ``(z0, z1, y0, y1)`` that tile a (z, H, W) volume."""
+    z, h, _ = shape
+    return [
+        (z0, min(z0 + settings.chunk_layers, z), y0, min(y0 + settings.chunk_px, h))
+        for y0 in range(0, h, settings.chunk_px)
+        for z0 in range(0, z, settings.chunk_layers)
+    ]
+
+
+def copy_band(
+    volume_path: Path,
+    slices: tuple[SliceInfo, ...],
+    band: tuple[int, int, int, int],
+    mask_band: NDArray[np.uint8],
+) -> tuple[int, NDArray[np.float64], NDArray[np.int64]]:
+    """Copy one band of slices into the volume and summarise it (one dask task).
+
+    Args:
+        volume_path: the fragment's ``volume`` array folder.
+        slices: all slices of the fragment.
+        band: (z0, z1, y0, y1) chunk-aligned.
+        mask_band: (y1 - y0, W) uint8 0/1 mask rows of the band.
+
+    Returns:
+        (z0, sums (z1-z0, 3) float64 of [count, sum, sum of squares] inside the mask,
+        histograms (z1-z0, HIST_BINS) int64 of ``value >> HIST_SHIFT`` inside the mask).
+    """
+    z0, z1, y0, y1 = band
+    data = np.stack([read_rows(slices[z], y0, y1) for z in range(z0, z1)])
+    if data.dtype != np.uint16:
+        data = data.astype(np.uint16)
+    zarr.open_array(volume_path, mode="r+")[z0:z1, y0:y1, :] = data
+    inside = mask_band.astype(bool)
+    sums = np.zeros((z1 - z0, 3))
+    hists = np.zeros((z1 - z0, HIST_BINS), dtype=np.int64)
+    if inside.any():
+        for i in range(z1 - z0):
+            values = data[i][inside]
+            v = values.astype(np.float64)
+            sums[i] = (v.size, v.sum(), np.square(v).sum())
+            hists[i] = np.bincount(values >> HIST_SHIFT, minlength=HIST_BINS)
+    return z0, sums, hists
+
+
+def layer_statistics(sums: NDArray[np.float64], hists: NDArray[np.int64]) -> NDArray[np.float64]:
+    """Turn per-layer sums and histograms into (z, 4) mean, std, p01, p99.
+
+    Args:
+        sums: (z, 3) float64 [count, sum, sum of squares].
+        hists: (z, HIST_BINS) int64 histograms of ``value >> HIST_SHIFT``.
+
+    Returns:
+        (z, 4) float64; percentiles are bin centres (16 grey levels wide).
+    """
+    count = np.maximum(sums[:, 0], 1)
+    mean = sums[:, 1] / count
+    std = np.sqrt(np.maximum(sums[:, 2] / count - mean**2, 0.0))
+    cdf = np.cumsum(hists, axis=1) / np.maximum(hists.sum(axis=1, keepdims=True), 1)
+    centre = (np.arange(HIST_BINS) << HIST_SHIFT) + (1 << HIST_SHIFT) / 2
+    p01 = centre[np.minimum((cdf < 0.01).sum(axis=1), HIST_BINS - 1)]
+    p99 = centre[np.minimum((cdf < 0.99).sum(axis=1), HIST_BINS - 1)]
+    return np.column_stack([mean, std, p01, p99])
+
+
+def _write_volume(
+    volume_path: Path,
+    frag: CheckedFragment,
+    mask: NDArray[np.uint8],
+    settings: StoreSettings,
+    cfg: IngestConfig,
+    client: Any,
+) -> NDArray[np.float64]:
+    """Run the band tasks with dask; return the (z, 4) layer statistics."""
+    bands = band_tasks(frag.shape, settings)
+    task = dask.delayed(copy_band, pure=False)
+    tasks = [task(volume_path, frag.slices, b, mask[b[2] : b[3]]) for b in bands]
+    z = frag.shape[0]
+    sums = np.zeros((z, 3))
+    hists = np.zeros((z, HIST_BINS), dtype=np.int64)
+    row_bytes = frag.shape[2] * 2
+    bar = tqdm(
+        total=sum((b[1] - b[0]) * (b[3] - b[2]) * row_bytes for b in bands),
+        unit="B", unit_scale=True, desc=f"ingest {frag.source.id}", disable=not cfg.progress,
+        leave=False,
+    )
+
+    def collect(result: tuple[int, NDArray[np.float64], NDArray[np.int64]]) -> None:
+        z0, s, h = result
+        sums[z0 : z0 + len(s)] += s
+        hists[z0 : z0 + len(h)] += h
+
+    try:
+        if client is not None:
+            from distributed import as_completed
+
+            futures = client.compute(tasks)
+            band_of = {f.key: b for f, b in zip(futures, bands)}
+            for fut in as_completed(futures):
+                b = band_of[fut.key]
+                collect(fut.result())
+                bar.update((b[1] - b[0]) * (b[3] - b[2]) * row_bytes)
+        else:
+            from dask.callbacks import Callback
+
+            sizes = {t.key: (b[1] - b[0]) * (b[3] - b[2]) * row_bytes for t, b in zip(tasks, bands)}
+
+            class _Progress(Callback):
+                def _posttask(self, key, result, dsk, state, worker_id):  # noqa: ANN001
+                    if key in sizes:
+                        bar.update(sizes[key])
+
+            # Results are small (sums and histograms); bands are freed as tasks finish.
+            with _Progress():
+                done = dask.compute(*tasks, scheduler="threads", num_workers=cfg.workers)
+            for r in done:
+                collect(r)
+    finally:
+        bar.close()
+    return layer_statistics(sums, hists)

@@ -1,0 +1,371 @@
+"""The inkpipe Zarr store: the one module that knows its schema.
+
+Layout (Zarr format 3)::
+
+    store.zarr/                     root attrs: {"inkpipe": {"schema": 1, "version", "fragments"}}
+      <fragment id>/                group attrs: {"inkpipe": FragmentMeta as a dict}
+        volume       uint16 (z, y, x)   CT layers, chunked and Blosc-compressed
+        mask         uint8  (y, x)      papyrus area, 0/1
+        labels       uint8  (y, x)      ink, 0/1            (training fragments only)
+        ir           uint8  (y, x)      infrared photo      (when the fragment has one)
+        windows      int32  (n, 4)      valid windows: y0, x0, mask_px, ink_px
+        layer_stats  float64 (z, 4)     per layer inside the mask: mean, std, p01, p99
+
+A fragment is written with ``complete = False`` and flipped to ``True`` as its last write, and
+only then listed in the root attrs: readers see complete fragments only, and an interrupted
+ingest leaves an incomplete group that the next run deletes and redoes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from numpy.typing import NDArray
+from zarr.codecs import BloscCodec
+
+from . import __version__
+from .errors import ConfigError, InputNotFoundError, StoreError
+from .windows import WINDOW_COLUMNS
+
+SCHEMA_VERSION = 1
+ATTR_KEY = "inkpipe"
+STAT_COLUMNS = ("mean", "std", "p01", "p99")
+CODECS = ("lz4", "zstd", "blosclz", "lz4hc", "zlib")
+SHUFFLES = ("bitshuffle", "shuffle", "noshuffle")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """How volumes are chunked and compressed, and how windows are indexed.
+
+    Defaults are the ones ``benchmarks/bench_ingest.py`` justifies (see the README): chunks of
+    4 layers x 256 x 256 px keep the waste of reading an arbitrary 10-layer range at 20 %, and
+    LZ4 with bit-shuffle decodes at >1.5 GB/s a thread — 16-bit CT only compresses ~8 %
+    losslessly whatever the codec, so the codec is chosen for speed.
+    """
+
+    chunk_layers: int = 4
+    chunk_px: int = 256
+    codec: str = "lz4"
+    clevel: int = 5
+    shuffle: str = "bitshuffle"
+    tile_px: int = 224
+    stride_px: int = 112
+    min_coverage: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.chunk_layers < 1 or self.chunk_px < 16:
+            raise ConfigError(
+                f"chunks must be at least 1 layer x 16 px, got {self.chunk_layers} x "
+                f"{self.chunk_px}"
+            )
+        if self.codec not in CODECS:
+            raise ConfigError(f"unknown codec '{self.codec}', choose from {', '.join(CODECS)}")
+        if self.shuffle not in SHUFFLES:
+            raise ConfigError(
+                f"unknown shuffle '{self.shuffle}', choose from {', '.join(SHUFFLES)}"
+            )
+        if not 0 <= self.clevel <= 9:
+            raise ConfigError(f"compression level must be 0…9, got {self.clevel}")
+
+    def compressor(self) -> BloscCodec:
+        """The Zarr v3 Blosc codec for volumes."""
+        return BloscCodec(cname=self.codec, clevel=self.clevel, shuffle=self.shuffle)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> StoreSettings:
+        """Build from a mapping (e.g. a manifest's ``ingest:``), rejecting unknown keys."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(
+                f"unknown ingest settings {sorted(unknown)}; allowed: {sorted(known)}"
+            )
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class FragmentMeta:
+    """What a fragment group's attributes record.
+
+    Attributes:
+        id: fragment id; split: ``"train"``/``"test"``; group: fold or None.
+        shape: (layers, H, W); layers: number of CT layers.
+        has_labels, has_ir: which 2-D images are stored.
+        sources: per source file: name, size in bytes, mtime (ns).
+        settings: the :class:`StoreSettings` used.
+        version: inkpipe version that wrote it; complete: the completion marker.
+    """
+
+    id: str
+    split: str
+    shape: tuple[int, int, int]
+    has_labels: bool
+    has_ir: bool
+    sources: dict[str, Any]
+    settings: dict[str, Any]
+    group: str | None = None
+    version: str = __version__
+    complete: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> int:
+        """Number of CT layers."""
+        return self.shape[0]
+
+    def to_attrs(self) -> dict[str, Any]:
+        """Return a JSON-able dict for the group attributes."""
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_attrs(cls, d: Mapping[str, Any]) -> FragmentMeta:
+        """Inverse of :meth:`to_attrs`."""
+        d = dict(d)
+        d["shape"] = tuple(d["shape"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """Read access to one complete fragment of a store.
+
+    ``volume`` is the lazy Zarr array; the 2-D arrays are loaded on first use.
+    """
+
+    meta: FragmentMeta
+    group: zarr.Group
+
+    @property
+    def id(self) -> str:
+        """Fragment id."""
+        return self.meta.id
+
+    @property
+    def volume(self) -> zarr.Array:
+        """(z, y, x) uint16 Zarr array (lazy)."""
+        return self.group["volume"]
+
+    def mask(self) -> NDArray[np.uint8]:
+        """(H, W) uint8 0/1 papyrus mask."""
+        return np.asarray(self.group["mask"][...])
+
+    def labels(self) -> NDArray[np.uint8] | None:
+        """(H, W) uint8 0/1 ink labels, or None for test fragments."""
+        return np.asarray(self.group["labels"][...]) if self.meta.has_labels else None
+
+    def ir(self) -> NDArray[np.uint8] | None:
+        """(H, W) uint8 infrared image, or None."""
+        return np.asarray(self.group["ir"][...]) if self.meta.has_ir else None
+
+    def windows(self) -> NDArray[np.int32]:
+        """(n, 4) int32 valid windows: y0, x0, mask_px, ink_px."""
+        return np.asarray(self.group["windows"][...])
+
+    def layer_stats(self) -> NDArray[np.float64]:
+        """(z, 4) float64 per-layer statistics inside the mask: mean, std, p01, p99."""
+        return np.asarray(self.group["layer_stats"][...])
+
+    @property
+    def settings(self) -> StoreSettings:
+        """The settings this fragment was ingested with."""
+        return StoreSettings(**self.meta.settings)
+
+    def nbytes_stored(self) -> int:
+        """Bytes on disk of the whole fragment group."""
+        return _dir_size(_group_path(self.group))
+
+    def volume_nbytes_stored(self) -> int:
+        """Bytes on disk of the volume array."""
+        return _dir_size(_group_path(self.group) / "volume")
+
+
+def _group_path(group: zarr.Group) -> Path:
+    store = group.store
+    root = Path(getattr(store, "root", ""))
+    return root / group.path
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def is_store(path: Path) -> bool:
+    """Return True if ``path`` is an inkpipe store."""
+    try:
+        g = zarr.open_group(Path(path), mode="r")
+    except Exception:
+        return False
+    return ATTR_KEY in g.attrs
+
+
+def open_store(path: Path, mode: str = "r") -> zarr.Group:
+    """Open an existing inkpipe store.
+
+    Raises:
+        InputNotFoundError: nothing at ``path``.
+        StoreError: ``path`` is not an inkpipe store or has a newer schema.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(
+            f"store not found: {path}; create it with 'inkpipe ingest FRAGMENTS --out {path}'"
+        )
+    if not is_store(path):
+        raise StoreError(
+            f"{path} is not an inkpipe store (no '{ATTR_KEY}' attributes); create one with "
+            "'inkpipe ingest'"
+        )
+    g = zarr.open_group(path, mode=mode)
+    schema = g.attrs[ATTR_KEY].get("schema")
+    if schema != SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has store schema {schema}, this inkpipe ({__version__}) reads schema "
+            f"{SCHEMA_VERSION}; re-ingest with 'inkpipe ingest --overwrite'"
+        )
+    return g
+
+
+def create_store(path: Path) -> zarr.Group:
+    """Open an inkpipe store for writing, creating it if needed.
+
+    An existing folder that is neither empty nor an inkpipe store is never touched.
+
+    Raises:
+        StoreError: ``path`` exists and is something else.
+    """
+    path = Path(path)
+    if path.exists():
+        if is_store(path):
+            return open_store(path, mode="r+")
+        if path.is_file() or any(path.iterdir()):
+            raise StoreError(
+                f"refusing to write into {path}: it exists and is not an inkpipe store; "
+                "choose another --out or remove it yourself"
+            )
+    g = zarr.open_group(path, mode="w", zarr_format=3)
+    g.attrs[ATTR_KEY] = {"schema": SCHEMA_VERSION, "version": __version__, "fragments": []}
+    return g
+
+
+def fragment_ids(root: zarr.Group) -> list[str]:
+    """Ids of the complete fragments in a store, in ingest order."""
+    return list(root.attrs[ATTR_KEY].get("fragments", []))
+
+
+def fragment_meta(root: zarr.Group, fragment_id: str) -> FragmentMeta | None:
+    """Return the metadata of a fragment group (complete or not), or None if absent."""
+    if fragment_id not in root.group_keys():
+        return None
+    attrs = root[fragment_id].attrs
+    return FragmentMeta.from_attrs(attrs[ATTR_KEY]) if ATTR_KEY in attrs else None
+
+
+def open_fragment(root: zarr.Group, fragment_id: str) -> Fragment:
+    """Open a complete fragment for reading.
+
+    Raises:
+        StoreError: no such complete fragment (the message lists the ones there are).
+    """
+    ids = fragment_ids(root)
+    if fragment_id not in ids:
+        raise StoreError(
+            f"fragment '{fragment_id}' is not in store {_group_path(root)} "
+            f"(it has: {', '.join(ids) or 'none'})"
+        )
+    group = root[fragment_id]
+    return Fragment(FragmentMeta.from_attrs(group.attrs[ATTR_KEY]), group)
+
+
+def open_fragments(path: Path, ids: list[str] | None = None) -> list[Fragment]:
+    """Open a store and the given (default: all) complete fragments."""
+    root = open_store(path)
+    return [open_fragment(root, i) for i in (ids if ids else fragment_ids(root))]
+
+
+def begin_fragment(root: zarr.Group, meta: FragmentMeta, settings: StoreSettings) -> zarr.Group:
+    """Create a fresh, incomplete fragment group with an empty volume array.
+
+    Any previous group of that id is deleted first (and unlisted).
+    """
+    drop_fragment(root, meta.id)
+    group = root.create_group(meta.id)
+    group.attrs[ATTR_KEY] = meta.to_attrs()
+    z, h, w = meta.shape
+    group.create_array(
+        "volume",
+        shape=(z, h, w),
+        dtype="uint16",
+        chunks=(min(settings.chunk_layers, z), min(settings.chunk_px, h), min(settings.chunk_px, w)),
+        compressors=settings.compressor(),
+        fill_value=0,
+        dimension_names=("z", "y", "x"),
+    )
+    return group
+
+
+def write_plane(group: zarr.Group, name: str, image: NDArray[np.uint8], chunk_px: int) -> None:
+    """Write a 2-D uint8 image (mask, labels, ir) into a fragment group."""
+    arr = group.create_array(
+        name,
+        shape=image.shape,
+        dtype="uint8",
+        chunks=(min(4 * chunk_px, image.shape[0]), min(4 * chunk_px, image.shape[1])),
+        compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+        fill_value=0,
+        dimension_names=("y", "x"),
+    )
+    arr[...] = image
+
+
+def write_table(group: zarr.Group, name: str, table: NDArray, attrs: Mapping[str, Any]) -> None:
+    """Write a small 2-D table (windows, layer_stats) with descriptive attributes."""
+    arr = group.create_array(
+        name, shape=table.shape, dtype=table.dtype, chunks=(max(len(table), 1), table.shape[1]),
+        fill_value=0,
+    )
+    if table.size:
+        arr[...] = table
+    arr.attrs.update(dict(attrs))
+
+
+def write_windows(group: zarr.Group, windows: NDArray[np.int32], settings: StoreSettings) -> None:
+    """Write the window index with its geometry in the array attributes."""
+    write_table(
+        group, "windows", windows.astype(np.int32).reshape(-1, 4),
+        {"columns": list(WINDOW_COLUMNS), "tile_px": settings.tile_px,
+         "stride_px": settings.stride_px, "min_coverage": settings.min_coverage},
+    )
+
+
+def finish_fragment(root: zarr.Group, group: zarr.Group, meta: FragmentMeta) -> None:
+    """Mark a fragment complete (its last write) and list it in the root attributes."""
+    attrs = meta.to_attrs()
+    attrs["complete"] = True
+    group.attrs[ATTR_KEY] = attrs
+    info = dict(root.attrs[ATTR_KEY])
+    info["fragments"] = [f for f in info.get("fragments", []) if f != meta.id] + [meta.id]
+    info["version"] = __version__
+    root.attrs[ATTR_KEY] = info
+
+
+def drop_fragment(root: zarr.Group, fragment_id: str) -> None:
+    """Unlist and delete a fragment group if present."""
+    info = dict(root.attrs[ATTR_KEY])
+    if fragment_id in info.get("fragments", []):
+        info["fragments"] = [f for f in info["fragments"] if f != fragment_id]
+        root.attrs[ATTR_KEY] = info
+    if fragment_id in root.group_keys():
+        path = _group_path(root) / fragment_id
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            del root[fragment_id]

@@ -1,0 +1,120 @@
+"""Window geometry: where the (tile x tile) windows of a fragment start.
+
+Pure NumPy functions, shared by ingest (the window index), training (sampling) and inference
+(sliding windows). Edge policy (as in MONAI): windows start at 0, stride, 2*stride, … and one
+last window is added so that it ends exactly at the image edge; a window never overhangs. An
+image shorter than the tile gets a single window at 0, which the caller must pad.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .errors import ConfigError
+
+# Columns of a fragment's window index (one int32 row per window).
+WINDOW_COLUMNS = ("y0", "x0", "mask_px", "ink_px")
+
+
+def check_tile(tile_px: int, stride_px: int) -> None:
+    """Raise :class:`ConfigError` unless ``0 < stride_px <= tile_px``."""
+    if tile_px < 8:
+        raise ConfigError(f"tile must be at least 8 px, got {tile_px}")
+    if not 0 < stride_px <= tile_px:
+        raise ConfigError(
+            f"stride must be between 1 and the tile size {tile_px} px, got {stride_px}"
+        )
+
+
+def tile_starts(length: int, tile_px: int, stride_px: int) -> NDArray[np.int64]:
+    """Return the start offsets of windows along one axis.
+
+    The count is ``ceil((length - tile_px) / stride_px) + 1`` for ``length >= tile_px``
+    (the last window is shifted to end exactly at ``length``) and 1 otherwise.
+
+    Args:
+        length: axis length in pixels (> 0).
+        tile_px: window size in pixels.
+        stride_px: step between window starts, ``0 < stride_px <= tile_px``.
+
+    Returns:
+        (n,) int64 array of strictly increasing starts in ``[0, max(length - tile_px, 0)]``.
+    """
+    check_tile(tile_px, stride_px)
+    if length <= tile_px:
+        return np.zeros(1, dtype=np.int64)
+    starts = np.arange(0, length - tile_px + 1, stride_px, dtype=np.int64)
+    if starts[-1] != length - tile_px:
+        starts = np.append(starts, length - tile_px)
+    return starts
+
+
+def grid_windows(height_px: int, width_px: int, tile_px: int, stride_px: int) -> NDArray[np.int64]:
+    """Return the (y0, x0) origins of all windows on a grid, row-major.
+
+    Returns:
+        (n, 2) int64 array; ``n = len(tile_starts(H)) * len(tile_starts(W))``.
+    """
+    ys = tile_starts(height_px, tile_px, stride_px)
+    xs = tile_starts(width_px, tile_px, stride_px)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([yy.ravel(), xx.ravel()], axis=1)
+
+
+def window_sums(image: NDArray, origins: NDArray[np.int64], tile_px: int) -> NDArray[np.int64]:
+    """Sum ``image`` over each (tile x tile) window, without a full-size integral image.
+
+    Windows sharing a start row share one band column-sum, so the cost is about
+    ``rows_of_windows * tile_px * W`` additions and memory O(W).
+
+    Args:
+        image: (H, W) array of small non-negative integers (e.g. uint8 0/1 masks).
+        origins: (n, 2) window origins (y0, x0), each window inside ``image``.
+        tile_px: window size.
+
+    Returns:
+        (n,) int64 sums, in the order of ``origins``.
+    """
+    sums = np.zeros(len(origins), dtype=np.int64)
+    for y0 in np.unique(origins[:, 0]):
+        rows = np.flatnonzero(origins[:, 0] == y0)
+        band = image[y0 : y0 + tile_px].sum(axis=0, dtype=np.int64)
+        cum = np.concatenate([[0], np.cumsum(band)])
+        x0 = origins[rows, 1]
+        x1 = np.minimum(x0 + tile_px, image.shape[1])
+        sums[rows] = cum[x1] - cum[x0]
+    return sums
+
+
+def index_windows(
+    mask: NDArray[np.uint8],
+    labels: NDArray[np.uint8] | None,
+    tile_px: int,
+    stride_px: int,
+    min_coverage: float,
+) -> NDArray[np.int32]:
+    """Build a fragment's window index: valid windows with their mask and ink pixel counts.
+
+    A window is valid when more than ``min_coverage`` of its ``tile_px**2`` pixels are papyrus.
+
+    Args:
+        mask: (H, W) uint8 papyrus mask, 0/1.
+        labels: (H, W) uint8 ink labels, 0/1, or None (ink counts are then 0).
+        tile_px: window size; stride_px: grid step.
+        min_coverage: minimum papyrus fraction in [0, 1).
+
+    Returns:
+        (n, 4) int32 array with columns ``WINDOW_COLUMNS`` = (y0, x0, mask_px, ink_px).
+    """
+    if not 0.0 <= min_coverage < 1.0:
+        raise ConfigError(f"minimum mask coverage must be in [0, 1), got {min_coverage}")
+    origins = grid_windows(mask.shape[0], mask.shape[1], tile_px, stride_px)
+    mask_px = window_sums(mask, origins, tile_px)
+    keep = mask_px > min_coverage * tile_px * tile_px
+    origins, mask_px = origins[keep], mask_px[keep]
+    if labels is None:
+        ink_px = np.zeros_like(mask_px)
+    else:
+        ink_px = window_sums(labels & mask, origins, tile_px)
+    return np.column_stack([origins, mask_px, ink_px]).astype(np.int32)

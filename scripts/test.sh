@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install inkpipe with its test extras into ./.venv and run lint, types and the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/ruff check pipeline train infer tests benchmarks
+.venv/bin/mypy
+.venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,1 @@
+"""inkpipe.train: datasets, samplers, augmentation, models, losses and the training loop."""
