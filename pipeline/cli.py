@@ -16,13 +16,26 @@ import click
 from .errors import InkpipeError
 
 _LAZY = {
-    "train": ("inkpipe.train.cli", "train_command", "Train a model on crops streamed from a store."),
-    "predict": ("inkpipe.infer.cli", "predict_command",
-                "Predict ink on fragments; write submission.csv and pictures."),
-    "evaluate": ("inkpipe.infer.cli", "evaluate_command",
-                 "Score a submission CSV against ink labels (F0.5)."),
-    "demo": ("inkpipe.infer.cli", "demo_command",
-             "Synthesize data, ingest, train, predict and score: the whole job on CPU."),
+    "train": (
+        "inkpipe.train.cli",
+        "train_command",
+        "Train a model on crops streamed from a store.",
+    ),
+    "predict": (
+        "inkpipe.infer.cli",
+        "predict_command",
+        "Predict ink on fragments; write submission.csv and pictures.",
+    ),
+    "evaluate": (
+        "inkpipe.infer.cli",
+        "evaluate_command",
+        "Score a submission CSV against ink labels (F0.5).",
+    ),
+    "demo": (
+        "inkpipe.infer.cli",
+        "demo_command",
+        "Synthesize data, ingest, train, predict and score: the whole job on CPU.",
+    ),
 }
 
 
@@ -68,7 +81,7 @@ class InkpipeGroup(click.Group):
 @click.group(cls=InkpipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="inkpipe")
 def cli() -> None:
-    """Find ink in CT scans of the Herculaneum papyri.
+    r"""Find ink in CT scans of the Herculaneum papyri.
 
     \b
     A typical run:
@@ -101,38 +114,72 @@ def synth_command(
     """
     from .synth import SynthConfig, synthesize
 
-    cfg = SynthConfig(out=out, n_train=n_train, n_test=n_test, height_px=height_px,
-                      width_px=width_px, layers=layers, seed=seed)
+    cfg = SynthConfig(
+        out=out,
+        n_train=n_train,
+        n_test=n_test,
+        height_px=height_px,
+        width_px=width_px,
+        layers=layers,
+        seed=seed,
+    )
     for frag in synthesize(cfg, progress=True):
         click.echo(f"{frag.split:5s} fragment {frag.id}: {frag.path}")
 
 
 @cli.command("ingest")
 @click.argument("fragments", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="The Zarr store to create or update (e.g. store.zarr).")
-@click.option("--manifest", type=click.Path(path_type=Path), default=None,
-              help="YAML naming the fragments, their paths, shapes and groups "
-                   "(see data_manifest.yaml). Default: discover fragments in FRAGMENTS.")
-@click.option("--fragment", "fragment_ids", multiple=True,
-              help="Only ingest this fragment id (repeatable).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The Zarr store to create or update (e.g. store.zarr).",
+)
+@click.option(
+    "--manifest",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="YAML naming the fragments, their paths, shapes and groups "
+    "(see data_manifest.yaml). Default: discover fragments in FRAGMENTS.",
+)
+@click.option(
+    "--fragment", "fragment_ids", multiple=True, help="Only ingest this fragment id (repeatable)."
+)
 @click.option("--workers", default=2, show_default=True, help="Parallel dask threads.")
-@click.option("--scheduler", default=None,
-              help="Address of a dask.distributed scheduler (e.g. tcp://host:8786).")
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Address of a dask.distributed scheduler (e.g. tcp://host:8786).",
+)
 @click.option("--overwrite", is_flag=True, help="Redo fragments even if unchanged.")
 @click.option("--chunk-layers", type=int, default=None, help="Layers per chunk [4].")
 @click.option("--chunk-px", type=int, default=None, help="Chunk height and width in px [256].")
-@click.option("--codec", type=click.Choice(["lz4", "zstd", "blosclz", "lz4hc", "zlib"]),
-              default=None, help="Blosc compressor [lz4].")
+@click.option(
+    "--codec",
+    type=click.Choice(["lz4", "zstd", "blosclz", "lz4hc", "zlib"]),
+    default=None,
+    help="Blosc compressor [lz4].",
+)
 @click.option("--clevel", type=int, default=None, help="Compression level 0-9 [5].")
 @click.option("--tile", "tile_px", type=int, default=None, help="Window size in px [224].")
 @click.option("--stride", "stride_px", type=int, default=None, help="Window stride in px [112].")
-@click.option("--min-coverage", type=float, default=None,
-              help="Minimum papyrus fraction of a valid window [0.1].")
+@click.option(
+    "--min-coverage",
+    type=float,
+    default=None,
+    help="Minimum papyrus fraction of a valid window [0.1].",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def ingest_command(
-    fragments: Path, out: Path, manifest: Path | None, fragment_ids: tuple[str, ...],
-    workers: int, scheduler: str | None, overwrite: bool, quiet: bool, **settings: Any,
+    fragments: Path,
+    out: Path,
+    manifest: Path | None,
+    fragment_ids: tuple[str, ...],
+    workers: int,
+    scheduler: str | None,
+    overwrite: bool,
+    quiet: bool,
+    **settings: Any,
 ) -> None:
     """Turn fragment folders into one chunked, compressed Zarr store.
 
@@ -144,9 +191,15 @@ def ingest_command(
     from .ingest import IngestConfig, ingest, resolve_settings
 
     cfg = IngestConfig(
-        root=fragments, out=out, manifest=manifest,
-        settings=resolve_settings(manifest, settings), workers=workers, scheduler=scheduler,
-        overwrite=overwrite, fragment_ids=fragment_ids or None, progress=not quiet,
+        root=fragments,
+        out=out,
+        manifest=manifest,
+        settings=resolve_settings(manifest, settings),
+        workers=workers,
+        scheduler=scheduler,
+        overwrite=overwrite,
+        fragment_ids=fragment_ids or None,
+        progress=not quiet,
     )
     results = ingest(cfg, log=click.echo)
     done = sum(r.status == "ingested" for r in results)

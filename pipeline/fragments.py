@@ -105,7 +105,7 @@ def discover_fragments(root: Path, manifest: Manifest | None = None) -> list[Fra
             found.append(FragmentSource(entry.id, path, entry.split, entry.group, entry))
         return found
     if is_fragment_dir(root):
-        candidates = [(root, None)]
+        candidates: list[tuple[Path, str | None]] = [(root, None)]
     else:
         candidates = []
         for child in sorted(root.iterdir()):
@@ -218,8 +218,11 @@ def check_fragment(source: FragmentSource) -> CheckedFragment:
             f"fragment {source.id}: papyrus mask not found: {mask_path}; every fragment needs "
             "a mask.png (white = papyrus)"
         )
-    for path, what in ((mask_path, "mask"), (source.labels_path, "ink labels"),
-                       (source.ir_path, "IR image")):
+    for path, what in (
+        (mask_path, "mask"),
+        (source.labels_path, "ink labels"),
+        (source.ir_path, "IR image"),
+    ):
         if path is None:
             continue
         shape = image_shape(path, what)
@@ -229,11 +232,14 @@ def check_fragment(source: FragmentSource) -> CheckedFragment:
                 f"slices are {first.shape[0]}x{first.shape[1]}; they must match"
             )
     exp = source.expected
-    if exp is not None and exp.height_px is not None and exp.width_px is not None:
-        if (exp.height_px, exp.width_px) != first.shape:
-            raise InvalidInputError(
-                f"fragment {source.id}: slices are {first.shape[0]}x{first.shape[1]} (HxW) but "
-                f"the manifest says {exp.height_px}x{exp.width_px}; check the folder or the "
-                "manifest"
-            )
+    if (
+        exp is not None
+        and exp.height_px is not None
+        and exp.width_px is not None
+        and (exp.height_px, exp.width_px) != first.shape
+    ):
+        raise InvalidInputError(
+            f"fragment {source.id}: slices are {first.shape[0]}x{first.shape[1]} (HxW) but "
+            f"the manifest says {exp.height_px}x{exp.width_px}; check the folder or the manifest"
+        )
     return CheckedFragment(source, tuple(infos), (len(infos), *first.shape), first.dtype)

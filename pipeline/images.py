@@ -45,9 +45,8 @@ def read_gray(path: Path, what: str = "image") -> NDArray[np.uint8]:
                 arr = np.asarray(im, dtype=np.int64)
                 top = max(int(arr.max()), 1)
                 return (arr * 255 // (65535 if top > 255 else 255)).clip(0, 255).astype(np.uint8)
-            if im.mode != "L":
-                im = im.convert("L")
-            return np.asarray(im, dtype=np.uint8).copy()
+            gray = im if im.mode == "L" else im.convert("L")
+            return np.asarray(gray, dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidInputError(
             f"cannot read {what} {path}: {exc}; re-export it as an 8-bit PNG"

@@ -41,9 +41,16 @@ def summarize_store(path: Path) -> list[FragmentSummary]:
         z, h, wd = frag.meta.shape
         rows.append(
             FragmentSummary(
-                id=frag.id, split=frag.meta.split, group=frag.meta.group, layers=z,
-                height_px=h, width_px=wd, positive_windows=pos, negative_windows=len(w) - pos,
-                stored_bytes=frag.nbytes_stored(), volume_bytes=z * h * wd * 2,
+                id=frag.id,
+                split=frag.meta.split,
+                group=frag.meta.group,
+                layers=z,
+                height_px=h,
+                width_px=wd,
+                positive_windows=pos,
+                negative_windows=len(w) - pos,
+                stored_bytes=frag.nbytes_stored(),
+                volume_bytes=z * h * wd * 2,
                 volume_stored_bytes=frag.volume_nbytes_stored(),
             )
         )
@@ -52,23 +59,51 @@ def summarize_store(path: Path) -> list[FragmentSummary]:
 
 def format_table(rows: list[FragmentSummary]) -> str:
     """Render summaries as an aligned text table with a total line."""
-    header = ("fragment", "split", "group", "layers", "H x W", "pos win", "neg win",
-              "on disk", "ratio")
+    header = (
+        "fragment",
+        "split",
+        "group",
+        "layers",
+        "H x W",
+        "pos win",
+        "neg win",
+        "on disk",
+        "ratio",
+    )
     body = [
-        (r.id, r.split, r.group or "-", str(r.layers), f"{r.height_px} x {r.width_px}",
-         str(r.positive_windows), str(r.negative_windows), _human(r.stored_bytes),
-         f"{r.compression_ratio:.2f}")
+        (
+            r.id,
+            r.split,
+            r.group or "-",
+            str(r.layers),
+            f"{r.height_px} x {r.width_px}",
+            str(r.positive_windows),
+            str(r.negative_windows),
+            _human(r.stored_bytes),
+            f"{r.compression_ratio:.2f}",
+        )
         for r in rows
     ]
     if rows:
         raw = sum(r.volume_bytes for r in rows)
         stored = sum(r.volume_stored_bytes for r in rows)
-        body.append(("total", "", "", "", "", str(sum(r.positive_windows for r in rows)),
-                     str(sum(r.negative_windows for r in rows)),
-                     _human(sum(r.stored_bytes for r in rows)), f"{raw / max(stored, 1):.2f}"))
+        body.append(
+            (
+                "total",
+                "",
+                "",
+                "",
+                "",
+                str(sum(r.positive_windows for r in rows)),
+                str(sum(r.negative_windows for r in rows)),
+                _human(sum(r.stored_bytes for r in rows)),
+                f"{raw / max(stored, 1):.2f}",
+            )
+        )
     widths = np.max([[len(c) for c in row] for row in [header, *body]], axis=0)
-    lines = ["  ".join(c.ljust(int(w)) for c, w in zip(row, widths)).rstrip()
-             for row in [header, *body]]
+    lines = [
+        "  ".join(c.ljust(int(w)) for c, w in zip(row, widths)).rstrip() for row in [header, *body]
+    ]
     lines.insert(1, "  ".join("-" * int(w) for w in widths))
     return "\n".join(lines)
 

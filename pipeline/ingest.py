@@ -115,6 +115,8 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> list[Fragme
         sources = [s for s in sources if s.id in cfg.fragment_ids]
     # Check every fragment before writing anything: a bad file fails fast, store untouched.
     checked = [check_fragment(s) for s in sources]
+    for frag in checked:
+        _check_mask(frag.source)
     root = create_store(cfg.out)
     results = []
     client = _client(cfg.scheduler)
@@ -133,6 +135,17 @@ def _client(address: str | None) -> Any:
     from distributed import Client
 
     return Client(address)
+
+
+def _check_mask(src: FragmentSource) -> NDArray[np.uint8]:
+    """Read a fragment's mask as (H, W) uint8 0/1; an empty mask is an error."""
+    mask = read_binary(src.path / "mask.png", "mask")
+    if not mask.any():
+        raise InvalidInputError(
+            f"fragment {src.id}: mask {src.path / 'mask.png'} is empty (no papyrus pixel); "
+            "white (255) must mark the papyrus"
+        )
+    return mask
 
 
 def source_signature(frag: CheckedFragment) -> dict[str, list[int]]:
@@ -173,12 +186,7 @@ def _ingest_one(
         reason = "incomplete from an interrupted run" if not old.complete else "changed"
         log(f"fragment {src.id}: {reason}, re-ingesting")
     t0 = time.perf_counter()
-    mask = read_binary(src.path / "mask.png", "mask")
-    if not mask.any():
-        raise InvalidInputError(
-            f"fragment {src.id}: mask {src.path / 'mask.png'} is empty (no papyrus pixel); "
-            "white (255) must mark the papyrus"
-        )
+    mask = _check_mask(src)
     labels = read_binary(src.labels_path, "ink labels") if src.labels_path else None
     ir = read_gray(src.ir_path, "IR image") if src.ir_path else None
     if frag.shape[0] != 65:
@@ -219,7 +227,9 @@ def _ingest_one(
     return FragmentResult(src.id, "ingested", seconds, input_bytes, frag.shape)
 
 
-def band_tasks(shape: tuple[int, int, int], settings: StoreSettings) -> list[tuple[int, int, int, int]]:
+def band_tasks(
+    shape: tuple[int, int, int], settings: StoreSettings
+) -> list[tuple[int, int, int, int]]:
     """Return the chunk-aligned bands ``(z0, z1, y0, y1)`` that tile a (z, H, W) volume."""
     z, h, _ = shape
     return [
@@ -302,7 +312,10 @@ def _write_volume(
     row_bytes = frag.shape[2] * 2
     bar = tqdm(
         total=sum((b[1] - b[0]) * (b[3] - b[2]) * row_bytes for b in bands),
-        unit="B", unit_scale=True, desc=f"ingest {frag.source.id}", disable=not cfg.progress,
+        unit="B",
+        unit_scale=True,
+        desc=f"ingest {frag.source.id}",
+        disable=not cfg.progress,
         leave=False,
     )
 

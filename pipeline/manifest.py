@@ -116,4 +116,3 @@ def load_manifest(path: Path) -> Manifest:
 
 def _opt_int(value: Any) -> int | None:
     return None if value is None else int(value)
-

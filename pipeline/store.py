@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -75,8 +75,12 @@ class StoreSettings:
             raise ConfigError(f"compression level must be 0…9, got {self.clevel}")
 
     def compressor(self) -> BloscCodec:
-        """The Zarr v3 Blosc codec for volumes."""
-        return BloscCodec(cname=self.codec, clevel=self.clevel, shuffle=self.shuffle)
+        """Return the Zarr v3 Blosc codec for volumes."""
+        return BloscCodec(
+            cname=self.codec,  # type: ignore[arg-type]  # checked in __post_init__
+            clevel=self.clevel,
+            shuffle=self.shuffle,  # type: ignore[arg-type]
+        )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> StoreSettings:
@@ -149,30 +153,37 @@ class Fragment:
         """Fragment id."""
         return self.meta.id
 
+    def array(self, name: str) -> zarr.Array:
+        """Return one of the fragment's arrays by name (lazy)."""
+        node = self.group[name]
+        if not isinstance(node, zarr.Array):
+            raise StoreError(f"fragment {self.id}: '{name}' is not an array in the store")
+        return node
+
     @property
     def volume(self) -> zarr.Array:
         """(z, y, x) uint16 Zarr array (lazy)."""
-        return self.group["volume"]
+        return self.array("volume")
 
     def mask(self) -> NDArray[np.uint8]:
         """(H, W) uint8 0/1 papyrus mask."""
-        return np.asarray(self.group["mask"][...])
+        return np.asarray(self.array("mask")[...])
 
     def labels(self) -> NDArray[np.uint8] | None:
         """(H, W) uint8 0/1 ink labels, or None for test fragments."""
-        return np.asarray(self.group["labels"][...]) if self.meta.has_labels else None
+        return np.asarray(self.array("labels")[...]) if self.meta.has_labels else None
 
     def ir(self) -> NDArray[np.uint8] | None:
         """(H, W) uint8 infrared image, or None."""
-        return np.asarray(self.group["ir"][...]) if self.meta.has_ir else None
+        return np.asarray(self.array("ir")[...]) if self.meta.has_ir else None
 
     def windows(self) -> NDArray[np.int32]:
         """(n, 4) int32 valid windows: y0, x0, mask_px, ink_px."""
-        return np.asarray(self.group["windows"][...])
+        return np.asarray(self.array("windows")[...])
 
     def layer_stats(self) -> NDArray[np.float64]:
         """(z, 4) float64 per-layer statistics inside the mask: mean, std, p01, p99."""
-        return np.asarray(self.group["layer_stats"][...])
+        return np.asarray(self.array("layer_stats")[...])
 
     @property
     def settings(self) -> StoreSettings:
@@ -198,6 +209,19 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def _info(node: zarr.Group | zarr.Array) -> dict[str, Any]:
+    """Return a copy of the inkpipe attributes of a group or array (``{}`` if none)."""
+    value: Any = node.attrs.get(ATTR_KEY)
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _child_group(root: zarr.Group, name: str) -> zarr.Group:
+    node = root[name]
+    if not isinstance(node, zarr.Group):
+        raise StoreError(f"store {_group_path(root)}: '{name}' is not a fragment group")
+    return node
+
+
 def is_store(path: Path) -> bool:
     """Return True if ``path`` is an inkpipe store."""
     try:
@@ -207,7 +231,7 @@ def is_store(path: Path) -> bool:
     return ATTR_KEY in g.attrs
 
 
-def open_store(path: Path, mode: str = "r") -> zarr.Group:
+def open_store(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:
     """Open an existing inkpipe store.
 
     Raises:
@@ -225,7 +249,7 @@ def open_store(path: Path, mode: str = "r") -> zarr.Group:
             "'inkpipe ingest'"
         )
     g = zarr.open_group(path, mode=mode)
-    schema = g.attrs[ATTR_KEY].get("schema")
+    schema = _info(g).get("schema")
     if schema != SCHEMA_VERSION:
         raise StoreError(
             f"{path} has store schema {schema}, this inkpipe ({__version__}) reads schema "
@@ -258,15 +282,15 @@ def create_store(path: Path) -> zarr.Group:
 
 def fragment_ids(root: zarr.Group) -> list[str]:
     """Ids of the complete fragments in a store, in ingest order."""
-    return list(root.attrs[ATTR_KEY].get("fragments", []))
+    return [str(f) for f in _info(root).get("fragments", [])]
 
 
 def fragment_meta(root: zarr.Group, fragment_id: str) -> FragmentMeta | None:
     """Return the metadata of a fragment group (complete or not), or None if absent."""
     if fragment_id not in root.group_keys():
         return None
-    attrs = root[fragment_id].attrs
-    return FragmentMeta.from_attrs(attrs[ATTR_KEY]) if ATTR_KEY in attrs else None
+    info = _info(_child_group(root, fragment_id))
+    return FragmentMeta.from_attrs(info) if info else None
 
 
 def open_fragment(root: zarr.Group, fragment_id: str) -> Fragment:
@@ -281,8 +305,8 @@ def open_fragment(root: zarr.Group, fragment_id: str) -> Fragment:
             f"fragment '{fragment_id}' is not in store {_group_path(root)} "
             f"(it has: {', '.join(ids) or 'none'})"
         )
-    group = root[fragment_id]
-    return Fragment(FragmentMeta.from_attrs(group.attrs[ATTR_KEY]), group)
+    group = _child_group(root, fragment_id)
+    return Fragment(FragmentMeta.from_attrs(_info(group)), group)
 
 
 def open_fragments(path: Path, ids: list[str] | None = None) -> list[Fragment]:
@@ -304,7 +328,11 @@ def begin_fragment(root: zarr.Group, meta: FragmentMeta, settings: StoreSettings
         "volume",
         shape=(z, h, w),
         dtype="uint16",
-        chunks=(min(settings.chunk_layers, z), min(settings.chunk_px, h), min(settings.chunk_px, w)),
+        chunks=(
+            min(settings.chunk_layers, z),
+            min(settings.chunk_px, h),
+            min(settings.chunk_px, w),
+        ),
         compressors=settings.compressor(),
         fill_value=0,
         dimension_names=("z", "y", "x"),
@@ -329,7 +357,10 @@ def write_plane(group: zarr.Group, name: str, image: NDArray[np.uint8], chunk_px
 def write_table(group: zarr.Group, name: str, table: NDArray, attrs: Mapping[str, Any]) -> None:
     """Write a small 2-D table (windows, layer_stats) with descriptive attributes."""
     arr = group.create_array(
-        name, shape=table.shape, dtype=table.dtype, chunks=(max(len(table), 1), table.shape[1]),
+        name,
+        shape=table.shape,
+        dtype=table.dtype,
+        chunks=(max(len(table), 1), table.shape[1]),
         fill_value=0,
     )
     if table.size:
@@ -340,9 +371,15 @@ def write_table(group: zarr.Group, name: str, table: NDArray, attrs: Mapping[str
 def write_windows(group: zarr.Group, windows: NDArray[np.int32], settings: StoreSettings) -> None:
     """Write the window index with its geometry in the array attributes."""
     write_table(
-        group, "windows", windows.astype(np.int32).reshape(-1, 4),
-        {"columns": list(WINDOW_COLUMNS), "tile_px": settings.tile_px,
-         "stride_px": settings.stride_px, "min_coverage": settings.min_coverage},
+        group,
+        "windows",
+        windows.astype(np.int32).reshape(-1, 4),
+        {
+            "columns": list(WINDOW_COLUMNS),
+            "tile_px": settings.tile_px,
+            "stride_px": settings.stride_px,
+            "min_coverage": settings.min_coverage,
+        },
     )
 
 
@@ -351,17 +388,17 @@ def finish_fragment(root: zarr.Group, group: zarr.Group, meta: FragmentMeta) -> 
     attrs = meta.to_attrs()
     attrs["complete"] = True
     group.attrs[ATTR_KEY] = attrs
-    info = dict(root.attrs[ATTR_KEY])
-    info["fragments"] = [f for f in info.get("fragments", []) if f != meta.id] + [meta.id]
+    info = _info(root)
+    info["fragments"] = [f for f in fragment_ids(root) if f != meta.id] + [meta.id]
     info["version"] = __version__
     root.attrs[ATTR_KEY] = info
 
 
 def drop_fragment(root: zarr.Group, fragment_id: str) -> None:
     """Unlist and delete a fragment group if present."""
-    info = dict(root.attrs[ATTR_KEY])
-    if fragment_id in info.get("fragments", []):
-        info["fragments"] = [f for f in info["fragments"] if f != fragment_id]
+    info = _info(root)
+    if fragment_id in fragment_ids(root):
+        info["fragments"] = [f for f in fragment_ids(root) if f != fragment_id]
         root.attrs[ATTR_KEY] = info
     if fragment_id in root.group_keys():
         path = _group_path(root) / fragment_id

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import tifffile
@@ -36,7 +37,7 @@ class SliceInfo:
     shape: tuple[int, int]
     dtype: str
     offset: int
-    byteorder: str
+    byteorder: Literal["<", ">"]
 
 
 def inspect_slice(path: Path) -> SliceInfo:
@@ -62,7 +63,7 @@ def inspect_slice(path: Path) -> SliceInfo:
             end = max(int(o) + int(c) for o, c in zip(page.dataoffsets, page.databytecounts))
             contiguous = bool(page.is_contiguous) and page.compression == 1
             offset = int(page.dataoffsets[0]) if contiguous else -1
-            byteorder = tif.byteorder
+            byteorder: Literal["<", ">"] = ">" if tif.byteorder == ">" else "<"
     except InvalidInputError:
         raise
     except Exception as exc:  # tifffile raises many types for corrupt files

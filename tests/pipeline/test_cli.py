@@ -1,0 +1,51 @@
+from click.testing import CliRunner
+
+from inkpipe.pipeline.cli import cli
+from inkpipe.pipeline.store import open_fragments
+
+
+def test_help_lists_every_command():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for name in ("synth", "ingest", "info", "train", "predict", "evaluate", "demo"):
+        assert name in result.output
+    result = CliRunner().invoke(cli, ["ingest", "--help"])
+    assert (
+        result.exit_code == 0 and "--manifest" in result.output and "--scheduler" in result.output
+    )
+
+
+def test_ingest_and_info(fragments_dir, tmp_path):
+    out = tmp_path / "s.zarr"
+    args = [
+        "ingest",
+        str(fragments_dir),
+        "--out",
+        str(out),
+        "--quiet",
+        "--chunk-px",
+        "64",
+        "--tile",
+        "32",
+        "--stride",
+        "16",
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "3 fragment(s) ingested" in result.output
+    assert open_fragments(out)[0].volume.chunks == (4, 64, 64)
+    result = CliRunner().invoke(cli, ["info", str(out)])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0].split()[:3] == ["fragment", "split", "group"]
+    assert any(line.startswith("1 ") and "96 x 80" in line for line in lines)
+    assert lines[-1].startswith("total")
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    result = CliRunner().invoke(cli, ["info", str(tmp_path / "missing.zarr")])
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("Error: store not found")
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(cli, ["ingest", str(tmp_path), "--out", str(tmp_path / "s.zarr")])
+    assert result.exit_code == 1 and "no fragments found" in result.output

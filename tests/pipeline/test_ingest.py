@@ -1,0 +1,280 @@
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+import zarr
+from PIL import Image
+
+from inkpipe.pipeline import ingest as ingest_mod
+from inkpipe.pipeline.errors import InkpipeError, InputNotFoundError, InvalidInputError, StoreError
+from inkpipe.pipeline.ingest import IngestConfig, ingest, resolve_settings
+from inkpipe.pipeline.store import (
+    StoreSettings,
+    fragment_ids,
+    fragment_meta,
+    open_fragments,
+    open_store,
+)
+from tests.conftest import TINY, write_fragment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(root, out, **kw):
+    kw.setdefault("settings", TINY)
+    return ingest(IngestConfig(root=root, out=out, progress=False, **kw), log=lambda s: None)
+
+
+def test_ingest_roundtrip(fragments_dir, tmp_path):
+    out = tmp_path / "s.zarr"
+    results = run(fragments_dir, out)
+    assert [r.status for r in results] == ["ingested"] * 3
+    frags = {f.id: f for f in open_fragments(out)}
+    assert set(frags) == {"1", "2", "a"}
+    f = frags["2"]
+    assert f.meta.shape == (12, 70, 100) and f.meta.split == "train" and f.meta.complete
+    for z in (0, 5, 11):
+        src = tifffile.imread(fragments_dir / "train" / "2" / "surface_volume" / f"{z:02d}.tif")
+        np.testing.assert_array_equal(f.volume[z], src)
+    assert f.volume.chunks == (4, 64, 64)
+    assert frags["a"].labels() is None and frags["a"].meta.split == "test"
+    assert frags["1"].ir() is not None
+    # statistics inside the mask, exact for mean and std
+    vol = f.volume[...].astype(np.float64)
+    m = f.mask().astype(bool)
+    stats = f.layer_stats()
+    np.testing.assert_allclose(stats[:, 0], [v[m].mean() for v in vol], rtol=1e-9)
+    np.testing.assert_allclose(stats[:, 1], [v[m].std() for v in vol], rtol=1e-6)
+    assert np.all(np.abs(stats[:, 2] - [np.percentile(v[m], 1) for v in vol]) <= 16)
+    # window index agrees with the mask and labels
+    w = f.windows()
+    for y0, x0, mpx, ink in w:
+        assert mpx == f.mask()[y0 : y0 + 32, x0 : x0 + 32].sum()
+        assert ink == f.labels()[y0 : y0 + 32, x0 : x0 + 32].sum()
+        assert mpx > 0.1 * 32 * 32
+    assert (w[:, 3] > 0).any() and (w[:, 3] == 0).any()
+    attrs = f.group["windows"].attrs
+    assert attrs["tile_px"] == 32 and attrs["stride_px"] == 16
+    assert "surface_volume/00.tif" in f.meta.sources
+    assert f.meta.settings["chunk_px"] == 64
+
+
+def test_rerun_skips_unchanged_and_redoes_changed(fragments_dir, tmp_path):
+    out = tmp_path / "s.zarr"
+    run(fragments_dir, out)
+    assert [r.status for r in run(fragments_dir, out)] == ["skipped"] * 3
+    assert [r.status for r in run(fragments_dir, out, overwrite=True)] == ["ingested"] * 3
+    p = fragments_dir / "train" / "1" / "surface_volume" / "03.tif"
+    tifffile.imwrite(p, np.full((96, 80), 7, np.uint16))
+    statuses = {r.id: r.status for r in run(fragments_dir, out)}
+    assert statuses == {"1": "ingested", "2": "skipped", "a": "skipped"}
+    assert open_fragments(out, ["1"])[0].volume[3, 0, 0] == 7
+
+
+def test_interrupted_fragment_is_redone(fragments_dir, tmp_path, monkeypatch):
+    out = tmp_path / "s.zarr"
+    real = ingest_mod.copy_band
+    calls = {"n": 0}
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 8:  # discovery order is a, 1, 2; a has 6 bands: this is in 1
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ingest_mod, "copy_band", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run(fragments_dir, out)
+    root = open_store(out)
+    assert fragment_ids(root) == ["a"]  # the complete one is listed and readable
+    assert open_fragments(out)[0].volume[0].shape == (96, 80)
+    assert fragment_meta(root, "1") is not None and not fragment_meta(root, "1").complete
+    assert fragment_meta(root, "2") is None
+    monkeypatch.setattr(ingest_mod, "copy_band", real)
+    statuses = {r.id: r.status for r in run(fragments_dir, out)}
+    assert statuses == {"a": "skipped", "1": "ingested", "2": "ingested"}
+    src = tifffile.imread(_slice(fragments_dir, 7))
+    np.testing.assert_array_equal(open_fragments(out, ["1"])[0].volume[7], src)
+
+
+def test_foreign_output_is_never_touched(fragments_dir, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.txt").write_text("do not delete")
+    with pytest.raises(StoreError, match="not an inkpipe store"):
+        run(fragments_dir, out, overwrite=True)
+    assert (out / "thesis.txt").read_text() == "do not delete"
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(plain, mode="w")
+    with pytest.raises(StoreError, match="not an inkpipe store"):
+        run(fragments_dir, plain)
+
+
+def test_single_fragment_folder_and_folder_of_fragments(tmp_path):
+    write_fragment(tmp_path / "one" / "frag7", seed=4)
+    write_fragment(tmp_path / "one" / "frag8", seed=5, labels=False)
+    results = run(tmp_path / "one", tmp_path / "a.zarr")
+    assert [r.id for r in results] == ["frag7", "frag8"]
+    metas = {f.id: f.meta.split for f in open_fragments(tmp_path / "a.zarr")}
+    assert metas == {"frag7": "train", "frag8": "test"}
+    results = run(tmp_path / "one" / "frag7", tmp_path / "b.zarr")
+    assert [r.id for r in results] == ["frag7"]
+
+
+def test_other_layer_count_is_recorded(tmp_path):
+    write_fragment(tmp_path / "f" / "x", layers=7)
+    run(tmp_path / "f", tmp_path / "s.zarr")
+    assert open_fragments(tmp_path / "s.zarr")[0].meta.layers == 7
+
+
+def test_manifest_selects_checks_and_groups(fragments_dir, tmp_path):
+    m = tmp_path / "m.yaml"
+    m.write_text(
+        yaml.safe_dump(
+            {
+                "fragments": [
+                    {
+                        "id": "one",
+                        "path": "train/1",
+                        "split": "train",
+                        "height_px": 96,
+                        "width_px": 80,
+                        "layers": 12,
+                        "group": "g1",
+                    },
+                ],
+                "ingest": {"chunk_px": 32, "tile_px": 32, "stride_px": 32},
+            }
+        )
+    )
+    settings = resolve_settings(m, {"chunk_layers": 2})
+    assert (settings.chunk_px, settings.chunk_layers, settings.codec) == (32, 2, "lz4")
+    run(fragments_dir, tmp_path / "s.zarr", manifest=m, settings=settings)
+    (f,) = open_fragments(tmp_path / "s.zarr")
+    assert (f.id, f.meta.group, f.volume.chunks) == ("one", "g1", (2, 32, 32))
+    m.write_text(
+        yaml.safe_dump(
+            {"fragments": [{"id": "1", "path": "train/1", "height_px": 8181, "width_px": 6330}]}
+        )
+    )
+    with pytest.raises(InvalidInputError, match="96x80.*8181x6330"):
+        run(fragments_dir, tmp_path / "t.zarr", manifest=m)
+    m.write_text(yaml.safe_dump({"fragments": [{"id": "1", "path": "train/1", "layers": 65}]}))
+    with pytest.raises(InvalidInputError, match="found 12 slices.*expected 65"):
+        run(fragments_dir, tmp_path / "t.zarr", manifest=m)
+    m.write_text(yaml.safe_dump({"fragments": [{"id": "9", "path": "train/9"}]}))
+    with pytest.raises(InputNotFoundError, match="train/9"):
+        run(fragments_dir, tmp_path / "t.zarr", manifest=m)
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_repo_manifest_matches_code_defaults():
+    from inkpipe.pipeline.manifest import load_manifest
+
+    m = load_manifest(ROOT / "data_manifest.yaml")
+    assert StoreSettings.from_mapping(m.ingest) == StoreSettings()
+    assert {
+        f.id: (f.height_px, f.width_px, f.layers) for f in m.fragments if f.split == "train"
+    } == {"1": (8181, 6330, 65), "2": (14830, 9506, 65), "3": (7606, 5249, 65)}
+
+
+# --- bad input: one clear error each, and nothing written --------------------------------
+
+
+def _slice(root, z):
+    return root / "train" / "1" / "surface_volume" / f"{z:02d}.tif"
+
+
+def break_gap(root):
+    _slice(root, 5).unlink()
+
+
+def break_extra_name(root):
+    shutil.copy(_slice(root, 1), root / "train" / "1" / "surface_volume" / "1b.tif")
+
+
+def break_shape(root):
+    tifffile.imwrite(_slice(root, 3), np.zeros((90, 80), np.uint16))
+
+
+def break_dtype(root):
+    tifffile.imwrite(_slice(root, 3), np.zeros((96, 80), np.float32))
+
+
+def break_truncated(root):
+    p = _slice(root, 2)
+    p.write_bytes(p.read_bytes()[: os.path.getsize(p) // 2])
+
+
+def break_garbage_tiff(root):
+    _slice(root, 2).write_bytes(b"this is not a tiff at all")
+
+
+def break_mask_shape(root):
+    Image.fromarray(np.zeros((50, 50), np.uint8)).save(root / "train" / "1" / "mask.png")
+
+
+def break_label_shape(root):
+    Image.fromarray(np.zeros((96, 81), np.uint8)).save(root / "train" / "1" / "inklabels.png")
+
+
+def break_mask_missing(root):
+    (root / "train" / "1" / "mask.png").unlink()
+
+
+def break_mask_garbage(root):
+    (root / "train" / "1" / "mask.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+
+
+def break_mask_empty(root):
+    Image.fromarray(np.zeros((96, 80), np.uint8)).save(root / "train" / "1" / "mask.png")
+
+
+CASES = [
+    (break_gap, r"slices missing .*05\.tif"),
+    (break_extra_name, r"unexpected slice name .*1b\.tif"),
+    (break_shape, r"03\.tif has shape \(90, 80\).*must be the same size"),
+    (break_dtype, r"03\.tif is float32"),
+    (break_truncated, r"02\.tif is truncated"),
+    (break_garbage_tiff, r"cannot read slice .*02\.tif"),
+    (break_mask_shape, r"mask .*mask\.png is 50x50.*96x80"),
+    (break_label_shape, r"ink labels .*inklabels\.png is 96x81"),
+    (break_mask_missing, r"mask not found.*mask\.png"),
+    (break_mask_garbage, r"cannot read mask .*mask\.png"),
+    (break_mask_empty, r"mask .*mask\.png is empty"),
+]
+
+
+@pytest.mark.parametrize(("breaker", "pattern"), CASES, ids=[c[0].__name__ for c in CASES])
+def test_bad_input_gives_one_clear_error(fragments_dir, tmp_path, breaker, pattern):
+    breaker(fragments_dir)
+    out = tmp_path / "s.zarr"
+    with pytest.raises(InkpipeError, match=pattern) as info:
+        run(fragments_dir, out)
+    assert "\n" not in str(info.value)
+    assert not out.exists()  # every fragment is checked before the store is created
+
+
+def test_no_fragments(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputNotFoundError, match="no fragments found in"):
+        run(tmp_path / "empty", tmp_path / "s.zarr")
+    with pytest.raises(InputNotFoundError, match="fragments folder not found"):
+        run(tmp_path / "nope", tmp_path / "s.zarr")
+
+
+def test_ingest_on_a_dask_distributed_cluster(fragments_dir, tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+    ) as cluster:
+        run(fragments_dir, tmp_path / "d.zarr", scheduler=cluster.scheduler_address)
+    run(fragments_dir, tmp_path / "l.zarr")
+    for fd, fl in zip(open_fragments(tmp_path / "d.zarr"), open_fragments(tmp_path / "l.zarr")):
+        np.testing.assert_array_equal(fd.volume[...], fl.volume[...])
+        np.testing.assert_array_equal(fd.layer_stats(), fl.layer_stats())
