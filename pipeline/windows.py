@@ -17,49 +17,67 @@ from .errors import ConfigError
 WINDOW_COLUMNS = ("y0", "x0", "mask_px", "ink_px")
 
 
+def _check_int(name: str, value: int, minimum: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
+    return int(value)
+
+
 def check_tile(tile_px: int, stride_px: int) -> None:
-    """Raise :class:`ConfigError` unless ``0 < stride_px <= tile_px``."""
-    if tile_px < 8:
-        raise ConfigError(f"tile must be at least 8 px, got {tile_px}")
-    if not 0 < stride_px <= tile_px:
+    """Raise :class:`ConfigError` unless ``tile_px >= 1`` and ``1 <= stride_px <= tile_px``."""
+    _check_int("tile_px", tile_px, 1, "use the model's tile size, e.g. 224")
+    _check_int("stride_px", stride_px, 1, "e.g. tile_px // 2")
+    if stride_px > tile_px:
         raise ConfigError(
-            f"stride must be between 1 and the tile size {tile_px} px, got {stride_px}"
+            f"stride_px {stride_px} is larger than tile_px {tile_px}, which would leave pixels "
+            "uncovered; use a stride <= tile, e.g. tile_px // 2"
         )
 
 
 def tile_starts(length: int, tile_px: int, stride_px: int) -> NDArray[np.int64]:
     """Return the start offsets of windows along one axis.
 
-    The count is ``ceil((length - tile_px) / stride_px) + 1`` for ``length >= tile_px``
-    (the last window is shifted to end exactly at ``length``) and 1 otherwise.
+    Starts are ``0, stride, 2*stride, ...`` and the last window ends exactly at the edge
+    (start ``length - tile_px``), never overhanging; it may overlap its neighbour more than
+    the others do. The count is ``1`` if ``length <= tile_px``, else
+    ``ceil((length - tile_px) / stride_px) + 1``. When ``length < tile_px`` the single window
+    starts at 0 and overhangs: the caller pads (see :func:`sliding_window_predict`).
 
     Args:
-        length: axis length in pixels (> 0).
-        tile_px: window size in pixels.
-        stride_px: step between window starts, ``0 < stride_px <= tile_px``.
+        length: axis length in pixels (>= 1).
+        tile_px: window side in pixels (>= 1).
+        stride_px: step between windows, in [1, tile_px] so that windows leave no gap.
 
     Returns:
-        (n,) int64 array of strictly increasing starts in ``[0, max(length - tile_px, 0)]``.
+        (n,) int64 array of strictly increasing starts.
     """
+    length = _check_int("length", length, 1, "the image must not be empty")
     check_tile(tile_px, stride_px)
     if length <= tile_px:
         return np.zeros(1, dtype=np.int64)
-    starts = np.arange(0, length - tile_px + 1, stride_px, dtype=np.int64)
-    if starts[-1] != length - tile_px:
-        starts = np.append(starts, length - tile_px)
+    n = -(-(length - tile_px) // stride_px) + 1
+    starts = np.arange(n, dtype=np.int64) * stride_px
+    starts[-1] = length - tile_px
     return starts
 
 
-def grid_windows(height_px: int, width_px: int, tile_px: int, stride_px: int) -> NDArray[np.int64]:
-    """Return the (y0, x0) origins of all windows on a grid, row-major.
+def grid_windows(height: int, width: int, tile_px: int, stride_px: int) -> NDArray[np.int64]:
+    """Return the top-left corners of a grid of windows covering a (height, width) image.
+
+    Args:
+        height: image height in pixels (>= 1).
+        width: image width in pixels (>= 1).
+        tile_px: window side in pixels.
+        stride_px: step between windows, in [1, tile_px].
 
     Returns:
-        (n, 2) int64 array; ``n = len(tile_starts(H)) * len(tile_starts(W))``.
+        (n_y * n_x, 2) int64 array of ``(y0, x0)``, row-major (all windows of the first row
+        of windows first), with ``n_y``/``n_x`` as in :func:`tile_starts`.
     """
-    ys = tile_starts(height_px, tile_px, stride_px)
-    xs = tile_starts(width_px, tile_px, stride_px)
+    ys = tile_starts(height, tile_px, stride_px)
+    xs = tile_starts(width, tile_px, stride_px)
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    return np.stack([yy.ravel(), xx.ravel()], axis=1)
+    return np.stack([yy.reshape(-1), xx.reshape(-1)], axis=1)
 
 
 def window_sums(image: NDArray, origins: NDArray[np.int64], tile_px: int) -> NDArray[np.int64]:

@@ -1,0 +1,172 @@
+"""Test-time augmentation and ensembles as predictor wrappers.
+
+A predictor maps a batch of image tiles ``(B, C, H, W)`` to one map per tile ``(B, H, W)``
+(a ``(B, 1, H, W)`` output works too: only the last two axes are transformed). Predictors may
+take and return ``torch.Tensor`` or ``numpy.ndarray``; the wrappers keep whatever type they
+get. Wrappers average what the predictor returns, so wrap a predictor that returns
+probabilities (after the sigmoid) to average probabilities, which is what blending expects.
+
+``with_tta`` flips the input, runs the predictor, un-flips the output and averages; blending
+never knows about TTA. ``ensemble`` averages several predictors the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal, TypeVar
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from inkpipe.pipeline.errors import ConfigError, check_choice
+
+Array = TypeVar("Array", torch.Tensor, np.ndarray)
+Predictor = Callable[[Array], Array]
+"""(B, C, H, W) -> (B, H, W), torch tensors or NumPy arrays."""
+
+TtaMode = Literal["none", "flips", "flips+rot90"]
+TTA_MODES: tuple[str, ...] = ("none", "flips", "flips+rot90")
+
+# A dihedral transform of the last two axes: rotate by k*90 degrees after an optional
+# horizontal flip. Its inverse is rotate by -k*90 degrees, then the same flip.
+_Transform = tuple[int, bool]
+_FLIPS: tuple[_Transform, ...] = (
+    (0, False),  # identity
+    (0, True),  # horizontal flip (x reversed)
+    (2, True),  # vertical flip (y reversed) = rot180 of the horizontal flip
+    (2, False),  # both flips = rot180
+)
+_ROT90S: tuple[_Transform, ...] = (
+    (1, False),  # rot90
+    (3, False),  # rot270
+    (1, True),  # rot90 of hflip = transpose-like
+    (3, True),  # rot270 of hflip
+)
+_TRANSFORMS: dict[str, tuple[_Transform, ...]] = {
+    "none": ((0, False),),
+    "flips": _FLIPS,
+    "flips+rot90": _FLIPS + _ROT90S,
+}
+
+
+def _hflip(x: Array) -> Array:
+    if isinstance(x, torch.Tensor):
+        return torch.flip(x, dims=(-1,))
+    return np.flip(x, axis=-1)
+
+
+def _rot90(x: Array, k: int) -> Array:
+    if k % 4 == 0:
+        return x
+    if isinstance(x, torch.Tensor):
+        return torch.rot90(x, k, dims=(-2, -1))
+    return np.rot90(x, k, axes=(-2, -1))
+
+
+def _forward(x: Array, transform: _Transform) -> Array:
+    k, flip = transform
+    y = _rot90(_hflip(x) if flip else x, k)
+    # NumPy flips/rotations are views; predictors usually want contiguous memory.
+    return np.ascontiguousarray(y) if isinstance(y, np.ndarray) else y
+
+
+def _inverse(y: Array, transform: _Transform) -> Array:
+    k, flip = transform
+    z = _rot90(y, -k)
+    return _hflip(z) if flip else z
+
+
+def tta_calls(mode: TtaMode) -> int:
+    """Return how many predictor calls a TTA mode makes per batch (1, 4 or 8)."""
+    return len(_TRANSFORMS[check_choice("TTA mode", mode, TTA_MODES)])
+
+
+def with_tta(predictor: Predictor, mode: TtaMode = "flips") -> Predictor:
+    """Wrap a predictor with test-time augmentation.
+
+    Args:
+        predictor: ``(B, C, H, W) -> (B, H, W)`` callable on tensors or arrays.
+        mode: ``"none"`` returns ``predictor`` itself; ``"flips"`` averages identity, horizontal,
+            vertical and both flips (4 calls); ``"flips+rot90"`` adds the four 90-degree
+            rotations and transposes, i.e. all 8 symmetries of the square (8 calls). Rotations
+            swap H and W, which is harmless for square tiles.
+
+    Returns:
+        A predictor with the same signature returning the average of the un-transformed
+        outputs.
+
+    Raises:
+        ConfigError: unknown ``mode`` (the message suggests the closest one).
+    """
+    check_choice("TTA mode", mode, TTA_MODES)
+    if mode == "none":
+        return predictor
+    transforms = _TRANSFORMS[mode]
+
+    def tta_predictor(batch: Array) -> Array:
+        total: Array | None = None
+        for transform in transforms:
+            out = _inverse(predictor(_forward(batch, transform)), transform)
+            total = out if total is None else total + out
+        assert total is not None  # transforms is never empty
+        return total / len(transforms)
+
+    tta_predictor.__doc__ = f"{getattr(predictor, '__name__', 'predictor')} with TTA '{mode}'."
+    return tta_predictor
+
+
+def ensemble(predictors: Sequence[Predictor]) -> Predictor:
+    """Average several predictors.
+
+    Args:
+        predictors: one or more ``(B, C, H, W) -> (B, H, W)`` callables returning maps of the
+            same shape (e.g. models of different folds, each possibly wrapped by
+            :func:`with_tta`).
+
+    Returns:
+        A predictor returning the mean of their outputs.
+
+    Raises:
+        ConfigError: ``predictors`` is empty.
+    """
+    members = tuple(predictors)
+    if not members:
+        raise ConfigError("ensemble needs at least one predictor, got none; pass a list of models")
+    if len(members) == 1:
+        return members[0]
+
+    def ensemble_predictor(batch: Array) -> Array:
+        total: Array | None = None
+        for member in members:
+            out = member(batch)
+            total = out if total is None else total + out
+        assert total is not None
+        return total / len(members)
+
+    return ensemble_predictor
+
+
+def numpy_predictor(
+    predictor: Callable[[torch.Tensor], torch.Tensor], device: str | torch.device = "cpu"
+) -> Callable[[NDArray[np.float32]], NDArray[np.float32]]:
+    """Adapt a torch predictor to the NumPy interface of ``sliding_window_predict``.
+
+    Args:
+        predictor: ``(B, C, H, W) -> (B, H, W)`` callable on tensors (e.g. a model followed by
+            a sigmoid, possibly wrapped by :func:`with_tta`).
+        device: where to run it.
+
+    Returns:
+        A callable ``(B, C, H, W) float32 array -> (B, H, W) float32 array``, run under
+        ``torch.inference_mode``.
+    """
+    dev = torch.device(device)
+
+    def run(batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(dev)
+            out = predictor(x)
+            return out.detach().float().cpu().numpy()
+
+    return run

@@ -1,0 +1,265 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from inkpipe.pipeline.blending import (
+    BlendAccumulator,
+    gaussian_importance,
+    sliding_window_predict,
+)
+from inkpipe.pipeline.windows import grid_windows, tile_starts
+from inkpipe.pipeline.errors import ConfigError, InvalidInputError
+
+
+def pointwise(batch: np.ndarray) -> np.ndarray:
+    """A per-pixel predictor: sigmoid of an affine function of the channel mean."""
+    return (1 / (1 + np.exp(-(3.0 * batch.mean(axis=1) - 1.0)))).astype(np.float32)
+
+
+@st.composite
+def tiling(draw: st.DrawFn) -> tuple[int, int, int, int]:
+    tile = draw(st.integers(1, 16))
+    stride = draw(st.integers(1, tile))
+    height = draw(st.integers(1, 40))
+    width = draw(st.integers(1, 40))
+    return height, width, tile, stride
+
+
+# --- window geometry -------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(length=st.integers(1, 300), tile=st.integers(1, 64), data=st.data())
+def test_tile_starts_cover_and_stay_in_bounds(length: int, tile: int, data: st.DataObject) -> None:
+    stride = data.draw(st.integers(1, tile))
+    starts = tile_starts(length, tile, stride)
+    assert starts.dtype == np.int64
+    assert starts[0] == 0
+    assert np.all(np.diff(starts) > 0)
+    assert np.all(np.diff(starts) <= stride)
+    if length <= tile:
+        assert starts.tolist() == [0]
+    else:
+        assert starts[-1] + tile == length  # last window ends exactly at the edge
+        assert np.all(starts + tile <= length)  # never overhangs
+        assert np.all(starts[:-1] == np.arange(len(starts) - 1) * stride)
+        assert len(starts) == -(-(length - tile) // stride) + 1  # documented count
+    covered = np.zeros(max(length, tile), bool)
+    for s in starts:
+        covered[s : s + tile] = True
+    assert covered[:length].all()
+
+
+def test_tile_starts_examples() -> None:
+    assert tile_starts(10, 4, 3).tolist() == [0, 3, 6]
+    assert tile_starts(11, 4, 3).tolist() == [0, 3, 6, 7]
+    assert tile_starts(8, 4, 4).tolist() == [0, 4]
+    assert tile_starts(3, 4, 2).tolist() == [0]
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((10, 4, 5), "larger than tile_px"),
+        ((10, 0, 1), "tile_px"),
+        ((0, 4, 2), "length"),
+        ((10, 4, 0), "stride_px"),
+        ((10, 4.0, 2), "tile_px"),
+    ],
+)
+def test_tile_starts_rejects(args: tuple, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        tile_starts(*args)
+
+
+def test_grid_windows_row_major() -> None:
+    windows = grid_windows(6, 5, 4, 2)
+    assert windows.tolist() == [[0, 0], [0, 1], [2, 0], [2, 1]]
+    assert windows.shape == (4, 2)
+
+
+def test_gaussian_importance() -> None:
+    g = gaussian_importance(16)
+    assert g.shape == (16, 16) and g.dtype == np.float32
+    assert g.max() == pytest.approx(1.0) and g.min() >= 1e-3
+    np.testing.assert_allclose(g, g.T)
+    np.testing.assert_allclose(g, g[::-1, ::-1])
+    assert g[7, 7] > g[3, 7] > g[3, 3] > g[0, 0] == pytest.approx(1e-3)
+    assert gaussian_importance(1).tolist() == [[1.0]]
+    assert gaussian_importance(64, min_weight=0.5).min() == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="sigma_frac"):
+        gaussian_importance(8, sigma_frac=0)
+    with pytest.raises(ConfigError, match="min_weight"):
+        gaussian_importance(8, min_weight=0)
+
+
+# --- the MONAI property ----------------------------------------------------------------------
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    geometry=tiling(),
+    channels=st.integers(1, 3),
+    batch_size=st.integers(1, 5),
+    pad_mode=st.sampled_from(["constant", "reflect"]),
+    seed=st.integers(0, 2**16),
+)
+def test_pointwise_predictor_equals_whole_image(
+    geometry: tuple[int, int, int, int], channels: int, batch_size: int, pad_mode: str, seed: int
+) -> None:
+    height, width, tile, stride = geometry
+    image = np.random.default_rng(seed).random((channels, height, width), dtype=np.float32)
+    out = sliding_window_predict(
+        image,
+        pointwise,
+        tile,
+        stride,
+        batch_size=batch_size,
+        pad_mode=pad_mode,  # type: ignore[arg-type]
+    )
+    assert out.shape == (height, width) and out.dtype == np.float32
+    np.testing.assert_allclose(out, pointwise(image[None])[0], atol=1e-5, rtol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(geometry=tiling(), seed=st.integers(0, 2**16))
+def test_valid_mask_skips_windows(geometry: tuple[int, int, int, int], seed: int) -> None:
+    height, width, tile, stride = geometry
+    rng = np.random.default_rng(seed)
+    image = rng.random((2, height, width), dtype=np.float32)
+    valid = rng.random((height, width)) < 0.05
+    calls: list[int] = []
+
+    def counting(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        return pointwise(batch)
+
+    out = sliding_window_predict(image, counting, tile, stride, valid=valid)
+    expected = pointwise(image[None])[0]
+    np.testing.assert_allclose(out[valid], expected[valid], atol=1e-5, rtol=0)
+    windows = grid_windows(height, width, tile, stride)
+    kept = [valid[y : y + tile, x : x + tile].any() for y, x in windows]
+    assert sum(calls) == sum(kept)
+    covered = np.zeros((height, width), bool)
+    for (y, x), keep in zip(windows, kept, strict=True):
+        if keep:
+            covered[y : y + tile, x : x + tile] = True
+    assert np.all(out[~covered] == 0)
+
+
+def test_all_invalid_calls_nothing() -> None:
+    def fail(batch: np.ndarray) -> np.ndarray:
+        raise AssertionError("called")
+
+    out = sliding_window_predict(np.ones((1, 9, 9)), fail, 4, 2, valid=np.zeros((9, 9), bool))
+    assert np.all(out == 0)
+
+
+def test_blending_is_a_weighted_average() -> None:
+    """A predictor returning a different constant per window blends to values between them."""
+    counter = iter(range(1000))
+
+    def per_window(batch: np.ndarray) -> np.ndarray:
+        return np.stack([np.full(batch.shape[2:], next(counter), np.float32) for _ in batch])
+
+    out = sliding_window_predict(np.zeros((1, 12, 12), np.float32), per_window, 8, 4)
+    assert out.min() >= 0 and out.max() <= 3 + 1e-5
+    assert out[0, 0] == 0 and out[-1, -1] == pytest.approx(3)  # corners see one window each
+
+
+def test_accepts_channel_output_and_rejects_wrong_shape() -> None:
+    image = np.random.default_rng(0).random((1, 10, 10), dtype=np.float32)
+    out = sliding_window_predict(image, lambda b: pointwise(b)[:, None], 4, 3)
+    np.testing.assert_allclose(out, pointwise(image[None])[0], atol=1e-5)
+    with pytest.raises(InvalidInputError, match="predictor returned shape"):
+        sliding_window_predict(image, lambda b: pointwise(b)[:, :2], 4, 3)
+    with pytest.raises(InvalidInputError, match="expected \\(C, H, W\\)"):
+        sliding_window_predict(image[0], pointwise, 4, 3)
+    with pytest.raises(InvalidInputError, match="valid mask has shape"):
+        sliding_window_predict(image, pointwise, 4, 3, valid=np.ones((9, 10), bool))
+    with pytest.raises(ConfigError, match="pad mode"):
+        sliding_window_predict(image, pointwise, 4, 3, pad_mode="reflekt")  # type: ignore[arg-type]
+
+
+def test_reads_only_crops() -> None:
+    class Sliceable:
+        """An image that is not an ndarray: records every read."""
+
+        def __init__(self, data: np.ndarray) -> None:
+            self.data, self.shape = data, data.shape
+            self.reads: list[tuple] = []
+
+        def __getitem__(self, key: tuple) -> np.ndarray:
+            self.reads.append(key)
+            return self.data[key]
+
+    data = np.random.default_rng(1).random((2, 20, 17), dtype=np.float32)
+    image = Sliceable(data)
+    out = sliding_window_predict(image, pointwise, 8, 6, batch_size=3)  # type: ignore[arg-type]
+    np.testing.assert_allclose(out, pointwise(data[None])[0], atol=1e-5)
+    assert len(image.reads) == len(grid_windows(20, 17, 8, 6))
+
+
+# --- accumulator -----------------------------------------------------------------------------
+
+
+def test_memmap_accumulator_matches_ram(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    origins = grid_windows(30, 21, 8, 5)
+    prob = rng.random((len(origins), 8, 8), dtype=np.float32)
+    ram = BlendAccumulator((30, 21), 8)
+    disk = BlendAccumulator((30, 21), 8, out_dir=tmp_path / "canvas")
+    for acc in (ram, disk):
+        acc.add(prob[:3], origins[:3])
+        acc.add(prob[3:], origins[3:])
+    assert isinstance(disk.sum, np.memmap)
+    assert {p.name for p in (tmp_path / "canvas").iterdir()} == {
+        "blend_sum.npy",
+        "blend_weight.npy",
+    }
+    np.testing.assert_array_equal(disk.result(), ram.result())
+    out = np.lib.format.open_memmap(tmp_path / "out.npy", "w+", np.float32, (30, 21))
+    assert disk.result(out=out) is out
+    np.testing.assert_array_equal(out, ram.result())
+
+
+def test_memmap_sliding_window_predict(tmp_path: Path) -> None:
+    image = np.random.default_rng(3).random((1, 13, 11), dtype=np.float32)
+    ram = sliding_window_predict(image, pointwise, 6, 4)
+    mapped = sliding_window_predict(image, pointwise, 6, 4, out_dir=tmp_path)
+    np.testing.assert_array_equal(ram, mapped)
+
+
+def test_accumulator_clips_overhanging_windows_and_zero_weight() -> None:
+    acc = BlendAccumulator((3, 5), 4, weight=np.ones((4, 4)))
+    acc.add(np.full((1, 4, 4), 0.5, np.float32), np.array([[0, 0]]))
+    result = acc.result()
+    assert result.dtype == np.float32
+    np.testing.assert_array_equal(result[:, :4], 0.5)
+    np.testing.assert_array_equal(result[:, 4], 0.0)  # never covered: 0, not NaN
+
+
+def test_accumulator_rejects() -> None:
+    acc = BlendAccumulator((8, 8), 4)
+    tile = np.zeros((1, 4, 4), np.float32)
+    with pytest.raises(InvalidInputError, match="outside the 8x8 canvas"):
+        acc.add(tile, np.array([[8, 0]]))
+    with pytest.raises(InvalidInputError, match="outside"):
+        acc.add(tile, np.array([[0, -1]]))
+    with pytest.raises(InvalidInputError, match="expected \\(n, 4, 4\\)"):
+        acc.add(np.zeros((1, 3, 4)), np.array([[0, 0]]))
+    with pytest.raises(InvalidInputError, match="origins"):
+        acc.add(tile, np.array([[0.0, 0.0]]))
+    with pytest.raises(InvalidInputError, match="NaN"):
+        acc.add(np.full((1, 4, 4), np.nan), np.array([[0, 0]]))
+    with pytest.raises(ConfigError, match="weight has shape"):
+        BlendAccumulator((8, 8), 4, weight=np.ones((3, 3)))
+    with pytest.raises(ConfigError, match="> 0"):
+        BlendAccumulator((8, 8), 4, weight=np.zeros((4, 4)))
+    with pytest.raises(ConfigError, match="floating"):
+        BlendAccumulator((8, 8), 4, dtype=np.int32)
