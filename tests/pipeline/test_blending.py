@@ -12,8 +12,8 @@ from inkpipe.pipeline.blending import (
     gaussian_importance,
     sliding_window_predict,
 )
-from inkpipe.pipeline.windows import grid_windows, tile_starts
 from inkpipe.pipeline.errors import ConfigError, InvalidInputError
+from inkpipe.pipeline.windows import grid_windows, tile_starts
 
 
 def pointwise(batch: np.ndarray) -> np.ndarray:
