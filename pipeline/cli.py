@@ -153,7 +153,7 @@ def synth_command(
 )
 @click.option("--overwrite", is_flag=True, help="Redo fragments even if unchanged.")
 @click.option("--chunk-layers", type=int, default=None, help="Layers per chunk [4].")
-@click.option("--chunk-px", type=int, default=None, help="Chunk height and width in px [256].")
+@click.option("--chunk-px", type=int, default=None, help="Chunk height and width in px [512].")
 @click.option(
     "--codec",
     type=click.Choice(["lz4", "zstd", "blosclz", "lz4hc", "zlib"]),
@@ -218,3 +218,7 @@ def info_command(store: Path) -> None:
 def main() -> None:
     """Entry point of the ``inkpipe`` console script."""
     cli()
+
+
+if __name__ == "__main__":  # python -m inkpipe.pipeline.cli (e.g. under torchrun)
+    main()

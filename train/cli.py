@@ -1,0 +1,187 @@
+"""``inkpipe train``: parse options into a :class:`TrainConfig` and call :func:`train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from inkpipe.pipeline.layers import parse_layers
+
+from .augment import AUG_LEVELS
+from .config import DEVICES, TrainConfig, parse_validation
+from .losses import LOSS_NAMES, LossSpec
+from .models import MODEL_NAMES, ModelSpec
+
+
+@click.command("train")
+@click.option(
+    "--store",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Zarr store written by 'inkpipe ingest'.",
+)
+@click.option(
+    "--out",
+    default=Path("runs/train"),
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Run folder: best.pt, last.pt, metrics.csv, metrics.png, config.yaml.",
+)
+@click.option(
+    "--layers",
+    default="28:38",
+    show_default=True,
+    help="Contiguous CT layers START:STOP used as input channels (k = STOP - START).",
+)
+@click.option(
+    "--fragment",
+    "fragments",
+    multiple=True,
+    help="Train on this fragment id (repeatable; default: every labelled fragment).",
+)
+@click.option(
+    "--model",
+    default="attention-unet",
+    show_default=True,
+    type=click.Choice(MODEL_NAMES),
+    help="attention-unet: the small original network; unet: smp Unet with --encoder.",
+)
+@click.option(
+    "--encoder",
+    default="efficientnet-b0",
+    show_default=True,
+    help="smp encoder of --model unet (any smp encoder name).",
+)
+@click.option(
+    "--encoder-weights",
+    default="none",
+    show_default=True,
+    help="imagenet (download through smp, needs network), none, or PATH to a local "
+    "encoder state dict (its first convolution is adapted to k channels).",
+)
+@click.option("--loss", default="bce+dice", show_default=True, type=click.Choice(LOSS_NAMES))
+@click.option("--focal-alpha", default=0.25, show_default=True, help="Focal loss alpha.")
+@click.option("--focal-gamma", default=2.0, show_default=True, help="Focal loss gamma.")
+@click.option("--label-smoothing", default=0.0, show_default=True, help="BCE label smoothing.")
+@click.option(
+    "--aug",
+    default="full",
+    show_default=True,
+    type=click.Choice(AUG_LEVELS),
+    help="none; light = flips + rot90; full = light + brightness/contrast, affine, cut-out.",
+)
+@click.option("--epochs", default=20, show_default=True)
+@click.option("--steps-per-epoch", default=100, show_default=True, help="Batches per epoch.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--weight-decay", default=3e-5, show_default=True)
+@click.option("--warmup-steps", default=100, show_default=True, help="Linear warm-up steps.")
+@click.option(
+    "--restart-epochs",
+    default=10,
+    show_default=True,
+    help="Period of the cosine warm restarts, in epochs.",
+)
+@click.option("--grad-clip", default=1.0, show_default=True, help="Max gradient norm (0: off).")
+@click.option(
+    "--pos-fraction",
+    default=0.5,
+    show_default=True,
+    help="Share of crops drawn from windows with ink.",
+)
+@click.option(
+    "--jitter",
+    "jitter_px",
+    default=32,
+    show_default=True,
+    help="Random shift of crops around their window, px.",
+)
+@click.option(
+    "--hard-negatives",
+    default=0.0,
+    show_default=True,
+    help="Keep this fraction of the highest-loss negatives as the negative pool, "
+    "re-mined before each epoch (e.g. 0.4; 0 = off).",
+)
+@click.option(
+    "--hard-negative-sample",
+    default=256,
+    show_default=True,
+    help="Negative windows scored for mining.",
+)
+@click.option(
+    "--val",
+    default="patches:64",
+    show_default=True,
+    help="patches:N (N held-out windows, excluded from training), fragment:ID, or none.",
+)
+@click.option(
+    "--val-stride",
+    "val_stride_px",
+    type=int,
+    default=None,
+    help="Grid stride of fragment validation, px [tile/2].",
+)
+@click.option(
+    "--folds",
+    type=click.Choice(["loo"]),
+    default=None,
+    help="loo: one model per labelled fragment held out, in OUT/fold_<id>/.",
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
+@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
+@click.option(
+    "--cache-mb",
+    default=1024.0,
+    show_default=True,
+    help="Budget of the decoded-chunk cache (split between workers).",
+)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train_command(
+    store: Path,
+    out: Path,
+    layers: str,
+    fragments: tuple[str, ...],
+    model: str,
+    encoder: str,
+    encoder_weights: str,
+    loss: str,
+    focal_alpha: float,
+    focal_gamma: float,
+    label_smoothing: float,
+    val: str,
+    quiet: bool,
+    **options: object,
+) -> None:
+    """Train a model on crops streamed from a store; keep the best validation F0.5.
+
+    Crops of the chosen layers are read straight from the Zarr store through a bounded
+    chunk cache, so memory does not grow with the fragment size or the layer count.
+    Launched under torchrun (e.g. torchrun --nproc-per-node 2 -m inkpipe.pipeline.cli
+    train ...) it trains with DistributedDataParallel.
+    """
+    from .loop import train
+
+    layer_range = parse_layers(layers)
+    cfg = TrainConfig(
+        store=store,
+        out=out,
+        layers=layer_range,
+        fragments=fragments or None,
+        model=ModelSpec(
+            name=model, in_channels=layer_range.k, encoder=encoder, encoder_weights=encoder_weights
+        ),
+        loss=LossSpec(
+            name=loss,
+            focal_alpha=focal_alpha,
+            focal_gamma=focal_gamma,
+            label_smoothing=label_smoothing,
+        ),
+        val=parse_validation(val),
+        progress=not quiet,
+        **options,  # type: ignore[arg-type]
+    )
+    train(cfg, log=click.echo)

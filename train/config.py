@@ -1,0 +1,157 @@
+"""The training configuration: one frozen value that says how a run is made.
+
+It is saved (as a dict) in every checkpoint and as ``config.yaml`` in the run folder, so a
+checkpoint says how it was made and ``--resume`` can check it continues the same run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from inkpipe.pipeline.errors import ConfigError, check_choice
+from inkpipe.pipeline.layers import LayerRange, parse_layers
+
+from .augment import AUG_LEVELS
+from .losses import LossSpec
+from .models import ModelSpec
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Validation:
+    """How a run is validated.
+
+    Attributes:
+        kind: ``"patches"`` (N held-out windows of the training fragments, excluded from
+            training), ``"fragment"`` (a whole held-out fragment) or ``"none"``.
+        patches: N for ``patches``.
+        fragment: the held-out fragment id for ``fragment``.
+    """
+
+    kind: str = "patches"
+    patches: int = 64
+    fragment: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "patches":
+            return f"patches:{self.patches}"
+        if self.kind == "fragment":
+            return f"fragment:{self.fragment}"
+        return "none"
+
+
+def parse_validation(text: str) -> Validation:
+    """Parse ``patches:N``, ``fragment:ID`` or ``none``."""
+    kind, _, arg = str(text).partition(":")
+    if kind == "none" and not arg:
+        return Validation("none", 0)
+    if kind == "patches" and arg.isdigit() and int(arg) > 0:
+        return Validation("patches", int(arg))
+    if kind == "fragment" and arg:
+        return Validation("fragment", 0, arg)
+    raise ConfigError(f"expected --val patches:N (N > 0), fragment:ID or none, got '{text}'")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; defaults work on CPU and GPU.
+
+    Attributes:
+        store: the Zarr store from ``inkpipe ingest``.
+        out: the run folder (``best.pt``, ``last.pt``, ``metrics.csv``, ``metrics.png``,
+            ``config.yaml``).
+        layers: contiguous CT layer range; ``k = stop - start`` input channels.
+        fragments: training fragment ids (None: every fragment with ink labels).
+        model: network spec (``in_channels`` is set from ``layers``).
+        loss: loss spec.
+        aug: augmentation level.
+        epochs, steps_per_epoch, batch_size: schedule (samples/epoch = steps x batch).
+        lr: peak learning rate after warm-up; weight_decay: AdamW decay.
+        warmup_steps: linear warm-up length; restart_epochs: first period of the cosine
+            warm restarts (doubling afterwards).
+        grad_clip: max gradient norm (0: off).
+        pos_fraction: share of crops drawn from windows with ink.
+        jitter_px: random shift of crops around their window.
+        hard_negatives: fraction of scored negatives kept as the hard-negative pool (0: off).
+        hard_negative_sample: negatives scored before each epoch for mining.
+        val: validation scheme; val_stride_px: grid stride of fragment validation
+            (None: tile // 2).
+        folds: ``None`` or ``"loo"``: one run per labelled fragment held out.
+        seed: seeds every random draw; device: auto/cpu/cuda; workers: DataLoader workers.
+        cache_mb: decoded-block cache budget (split between workers).
+        resume: continue from ``out/last.pt``.
+        progress: show progress bars.
+    """
+
+    store: Path
+    out: Path
+    layers: LayerRange = field(default_factory=lambda: LayerRange(28, 38))
+    fragments: tuple[str, ...] | None = None
+    model: ModelSpec = field(default_factory=ModelSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    aug: str = "full"
+    epochs: int = 20
+    steps_per_epoch: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 3e-5
+    warmup_steps: int = 100
+    restart_epochs: int = 10
+    grad_clip: float = 1.0
+    pos_fraction: float = 0.5
+    jitter_px: int = 32
+    hard_negatives: float = 0.0
+    hard_negative_sample: int = 256
+    val: Validation = field(default_factory=Validation)
+    val_stride_px: int | None = None
+    folds: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    cache_mb: float = 1024
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("augmentation", self.aug, AUG_LEVELS)
+        check_choice("device", self.device, DEVICES)
+        if self.folds not in (None, "loo"):
+            raise ConfigError(f"expected --folds loo or nothing, got '{self.folds}'")
+        for name in ("epochs", "steps_per_epoch", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.hard_negatives < 1:
+            raise ConfigError(f"--hard-negatives must be in [0, 1), got {self.hard_negatives}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if self.model.in_channels != self.layers.k:
+            object.__setattr__(self, "model", replace(self.model, in_channels=self.layers.k))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a YAML/JSON-able dict of the resolved configuration."""
+        d = asdict(self)
+        d["store"], d["out"] = str(self.store), str(self.out)
+        d["layers"] = str(self.layers)
+        d["model"] = self.model.to_dict()
+        d["val"] = str(self.val)
+        d["fragments"] = list(self.fragments) if self.fragments else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["store"], d["out"] = Path(d["store"]), Path(d["out"])
+        d["layers"] = parse_layers(d["layers"])
+        d["model"] = ModelSpec.from_dict(d["model"])
+        d["loss"] = LossSpec(**d["loss"])
+        d["val"] = parse_validation(d["val"])
+        d["fragments"] = tuple(d["fragments"]) if d.get("fragments") else None
+        return cls(**d)

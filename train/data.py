@@ -1,0 +1,309 @@
+"""Stream training crops from the store: samplers yield coordinates, datasets read pixels.
+
+A crop is ``(fragment index, y0, x0)``: the (k, tile, tile) block of the chosen layer range at
+that origin. :class:`WindowSampler` draws crops from the window index stored at ingest (a
+positive:negative mix, jittered, seeded) and orders them region by region, one region stream
+per DataLoader worker, so consecutive crops of a worker share Zarr chunks. :class:`CropDataset`
+cuts crops out of a bounded LRU cache of decoded blocks (:class:`BlockCache`): each chunk is
+decoded once and serves every crop that touches it while it stays cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch.utils.data import Dataset, Sampler
+
+from inkpipe.pipeline.errors import ConfigError, InvalidInputError
+from inkpipe.pipeline.layers import LayerRange
+from inkpipe.pipeline.store import Fragment
+from inkpipe.pipeline.volume import BlockCache, Normalizer
+
+# Columns of a crop table: fragment index, y0, x0.
+CropTable = NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class WindowSet:
+    """The candidate windows of one fragment for one purpose (training or validation).
+
+    Attributes:
+        fragment: index of the fragment in the dataset's fragment list.
+        shape: (H, W) of the fragment.
+        windows: (n, 4) int32 rows (y0, x0, mask_px, ink_px) from the store's window index.
+    """
+
+    fragment: int
+    shape: tuple[int, int]
+    windows: NDArray[np.int32]
+
+
+def split_positive(windows: NDArray[np.int32], min_ink_px: int = 1) -> NDArray[np.bool_]:
+    """Return a (n,) bool array: which windows count as positive (>= ``min_ink_px`` ink)."""
+    return windows[:, 3] >= min_ink_px
+
+
+def order_by_region(
+    crops: CropTable, region_px: int, streams: int, rng: np.random.Generator
+) -> list[CropTable]:
+    """Group crops into (region_px x region_px) regions and deal regions to streams.
+
+    Regions come in random order and crops within a region in random order, so a stream reads
+    one neighbourhood at a time. Regions are dealt round-robin, balancing crop counts.
+
+    Args:
+        crops: (n, 3) int64 (fragment, y0, x0).
+        region_px: region size in px (a multiple of the chunk size works best).
+        streams: number of streams (DataLoader workers x DDP ranks), >= 1.
+        rng: the sampler's generator.
+
+    Returns:
+        ``streams`` arrays of shape (n_i, 3), together a permutation of ``crops``.
+    """
+    if len(crops) == 0:
+        return [crops[:0] for _ in range(streams)]
+    keys = (
+        crops[:, 0] * (1 << 40) + (crops[:, 1] // region_px) * (1 << 20) + crops[:, 2] // region_px
+    )
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    region_rank = rng.permutation(len(uniq))[inverse]
+    order = np.lexsort((rng.random(len(crops)), region_rank))
+    crops, region_rank = crops[order], region_rank[order]
+    bounds = np.flatnonzero(np.diff(region_rank)) + 1
+    groups = np.split(crops, bounds)
+    out: list[list[CropTable]] = [[] for _ in range(streams)]
+    sizes = np.zeros(streams, dtype=np.int64)
+    for g in groups:
+        s = int(np.argmin(sizes))
+        out[s].append(g)
+        sizes[s] += len(g)
+    return [np.concatenate(o) if o else crops[:0] for o in out]
+
+
+def interleave_batches(streams: Sequence[CropTable], batch_size: int) -> CropTable:
+    """Lay streams out so that batch ``b`` comes from stream ``b % len(streams)``.
+
+    A torch DataLoader hands batch ``b`` to worker ``b % num_workers``, so with one stream per
+    worker each worker keeps reading its own neighbourhood. Leftovers are appended in order.
+    """
+    n_streams = len(streams)
+    cursors = [0] * n_streams
+    parts = []
+    b = 0
+    total = sum(len(s) for s in streams)
+    taken = 0
+    while taken < total:
+        s = b % n_streams
+        if cursors[s] >= len(streams[s]):  # exhausted: take from the fullest stream instead
+            s = int(np.argmax([len(x) - c for x, c in zip(streams, cursors)]))
+        chunk = streams[s][cursors[s] : cursors[s] + batch_size]
+        cursors[s] += len(chunk)
+        taken += len(chunk)
+        parts.append(chunk)
+        b += 1
+    return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
+
+
+class WindowSampler(Sampler[tuple[int, int, int]]):
+    """Draw training crops from window indexes, region-ordered, reproducibly.
+
+    Each epoch draws ``samples_per_epoch`` crops: ``pos_fraction`` of them from windows with
+    ink, the rest from windows without (or from the hard-negative pool when one is set), each
+    shifted by a uniform jitter of up to ``jitter_px`` and clipped to the fragment. One
+    generator, seeded by ``(seed, epoch)``, makes every draw.
+
+    Args:
+        sets: candidate windows per fragment.
+        tile_px: crop size.
+        samples_per_epoch: crops per epoch (over all ranks).
+        batch_size, num_workers: for laying out batches per worker (see
+            :func:`interleave_batches`).
+        pos_fraction: share of positive crops, in [0, 1].
+        jitter_px: maximum shift of a crop from its window origin.
+        region_px: size of read-locality regions.
+        seed: base seed.
+        rank, world_size: for DistributedDataParallel sharding.
+    """
+
+    def __init__(
+        self,
+        sets: Sequence[WindowSet],
+        tile_px: int,
+        samples_per_epoch: int,
+        batch_size: int,
+        num_workers: int = 0,
+        pos_fraction: float = 0.5,
+        jitter_px: int = 32,
+        region_px: int = 1024,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not 0.0 <= pos_fraction <= 1.0:
+            raise ConfigError(f"positive fraction must be in [0, 1], got {pos_fraction}")
+        self.tile_px, self.samples = tile_px, samples_per_epoch
+        self.batch_size, self.num_workers = batch_size, max(num_workers, 1)
+        self.pos_fraction, self.jitter_px, self.region_px = pos_fraction, jitter_px, region_px
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shapes = {s.fragment: s.shape for s in sets}
+        rows = [
+            np.column_stack([np.full(len(s.windows), s.fragment), s.windows[:, :2]]) for s in sets
+        ]
+        table = np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 3), np.int64)
+        positive: NDArray[np.bool_] = (
+            np.concatenate([split_positive(s.windows) for s in sets]) if sets else np.zeros(0, bool)
+        )
+        self.positives = table[positive]
+        self.negatives = table[~positive]
+        self.hard_negatives: CropTable | None = None
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose draws ``__iter__`` yields (as DistributedSampler does)."""
+        self.epoch = epoch
+
+    def set_hard_negatives(self, crops: CropTable | None) -> None:
+        """Draw negatives from ``crops`` (n, 3) from now on (None: from all negatives)."""
+        self.hard_negatives = None if crops is None or len(crops) == 0 else crops
+
+    def draw(self, epoch: int) -> CropTable:
+        """Return the (samples_per_epoch, 3) crops of an epoch in read order, all ranks."""
+        rng = np.random.default_rng([self.seed, epoch])
+        n_pos = round(self.samples * self.pos_fraction) if len(self.positives) else 0
+        negatives = self.hard_negatives if self.hard_negatives is not None else self.negatives
+        if len(negatives) == 0:
+            n_pos = self.samples
+        parts = []
+        if n_pos:
+            parts.append(self.positives[rng.integers(0, len(self.positives), n_pos)])
+        if self.samples - n_pos:
+            parts.append(negatives[rng.integers(0, len(negatives), self.samples - n_pos)])
+        crops = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
+        crops = self.jitter(crops, rng)
+        streams = order_by_region(crops, self.region_px, self.num_workers * self.world_size, rng)
+        return interleave_batches(streams, self.batch_size)
+
+    def jitter(self, crops: CropTable, rng: np.random.Generator) -> CropTable:
+        """Shift crops by up to ``jitter_px`` each way, kept inside their fragment."""
+        out = crops.copy()
+        if self.jitter_px > 0 and len(out):
+            out[:, 1:] += rng.integers(-self.jitter_px, self.jitter_px + 1, (len(out), 2))
+        for f, (h, w) in self.shapes.items():
+            sel = out[:, 0] == f
+            out[sel, 1] = np.clip(out[sel, 1], 0, max(h - self.tile_px, 0))
+            out[sel, 2] = np.clip(out[sel, 2], 0, max(w - self.tile_px, 0))
+        return out
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        """Yield this rank's crops of the current epoch as (fragment, y0, x0)."""
+        crops = self.draw(self.epoch)
+        batches = [crops[i : i + self.batch_size] for i in range(0, len(crops), self.batch_size)]
+        mine = batches[self.rank :: self.world_size]
+        for batch in mine:
+            for row in batch:
+                yield int(row[0]), int(row[1]), int(row[2])
+
+    def __len__(self) -> int:
+        """Crops this rank yields per epoch."""
+        n_batches = -(-self.samples // self.batch_size)
+        mine = len(range(self.rank, n_batches, self.world_size))
+        last_short = self.samples % self.batch_size
+        if last_short and (n_batches - 1) % self.world_size == self.rank:
+            return (mine - 1) * self.batch_size + last_short
+        return mine * self.batch_size
+
+
+class CropDataset(Dataset[dict[str, torch.Tensor]]):
+    """Read normalised (k, tile, tile) crops with their labels from store fragments.
+
+    ``dataset[(f, y0, x0)]`` returns a dict of float32 tensors: ``image`` (k, t, t),
+    ``label`` (1, t, t) 0/1 ink, ``valid`` (1, t, t) 0/1 papyrus (pixels outside the mask or
+    the fragment do not count in losses or metrics), and ``origin`` (3,) int64.
+
+    Args:
+        fragments: store fragments (training ones need labels).
+        layers: the layer range, checked against every fragment.
+        tile_px: crop size.
+        augment: ``(image (k,t,t) float32, mask (t,t) uint8) -> (image, mask)`` or None.
+        cache_mb: decoded-block cache budget of this dataset (per DataLoader worker).
+    """
+
+    def __init__(
+        self,
+        fragments: Sequence[Fragment],
+        layers: LayerRange,
+        tile_px: int,
+        augment: Callable[[NDArray[np.float32], NDArray[np.uint8]], Any] | None = None,
+        cache_mb: float = 512,
+    ) -> None:
+        self.fragments = list(fragments)
+        self.layers = layers
+        for f in self.fragments:
+            layers.check(f.meta.layers, where=f"fragment {f.id}")
+        self.tile_px = tile_px
+        self.augment = augment
+        self.cache_mb = cache_mb
+        self.volumes = [f.volume for f in self.fragments]
+        self.masks = [f.mask() for f in self.fragments]
+        self.labels = [f.labels() for f in self.fragments]
+        self.normalizers = [Normalizer(f.layer_stats()[layers.as_slice()]) for f in self.fragments]
+        self._cache: BlockCache | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the cache: each DataLoader worker builds its own."""
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+    @property
+    def cache(self) -> BlockCache:
+        """Return this process's block cache (created on first use)."""
+        if self._cache is None:
+            self._cache = BlockCache(self.volumes, self.layers, self.cache_mb)
+        return self._cache
+
+    def __len__(self) -> int:
+        """Not meaningful for coordinate-indexed access; the sampler sets the length."""
+        return sum(int(np.prod(v.shape[1:])) for v in self.volumes)
+
+    def read_raw(self, f: int, y0: int, x0: int) -> NDArray[np.uint16]:
+        """Return the (k, t, t) uint16 crop at (y0, x0) of fragment ``f``."""
+        return self.cache.read(f, y0, x0, self.tile_px)
+
+    def plane_crop(self, plane: NDArray[np.uint8] | None, y0: int, x0: int) -> NDArray[np.uint8]:
+        """Return the (t, t) crop of a 2-D plane, zero-padded (zeros if ``plane`` is None)."""
+        t = self.tile_px
+        out = np.zeros((t, t), dtype=np.uint8)
+        if plane is not None:
+            part = plane[y0 : y0 + t, x0 : x0 + t]
+            out[: part.shape[0], : part.shape[1]] = part
+        return out
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        """Read, normalise and augment the crop at ``key = (fragment, y0, x0)``."""
+        return self.item(key, augment=True)
+
+    def item(self, key: tuple[int, ...], augment: bool = True) -> dict[str, torch.Tensor]:
+        """Return the crop at ``key = (fragment, y0, x0)``, augmented or not (see class doc)."""
+        f, y0, x0 = (int(v) for v in key)
+        if not 0 <= f < len(self.fragments):
+            raise InvalidInputError(f"crop fragment index {f} out of range")
+        image = self.normalizers[f](self.read_raw(f, y0, x0))
+        valid = self.plane_crop(self.masks[f], y0, x0)
+        label = self.plane_crop(self.labels[f], y0, x0) & valid
+        if augment and self.augment is not None:
+            # label and validity travel as one mask so they stay aligned (values 0..3)
+            image, packed = self.augment(image, label + 2 * valid)
+            packed = np.asarray(packed).astype(np.uint8)
+            label, valid = packed & np.uint8(1), packed >> np.uint8(1)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+            "label": torch.from_numpy(label.astype(np.float32))[None],
+            "valid": torch.from_numpy(valid.astype(np.float32))[None],
+            "origin": torch.tensor([f, y0, x0], dtype=torch.int64),
+        }

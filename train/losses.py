@@ -1,0 +1,197 @@
+"""Segmentation losses for ink logits, masked to the papyrus.
+
+All losses take ``logits`` (B, 1, H, W) float of any dtype, ``target`` (B, 1, H, W) float in
+{0, 1} and an optional ``valid`` (B, 1, H, W) float in {0, 1}, broadcastable to ``logits``:
+pixels with ``valid == 0`` (outside the papyrus mask, padding) do not count at all. They are
+computed in float32 with autocast disabled, so fp16/bf16 logits from a mixed-precision
+forward give the same, finite values.
+
+- ``bce``: binary cross-entropy from logits against the (optionally smoothed) target
+  ``target * (1 - s) + 0.5 * s``; mean over valid pixels.
+- ``focal``: sigmoid focal loss (Lin et al., 2017) ``alpha_t * (1 - p_t) ** gamma * bce``
+  against the same smoothed target; mean over valid pixels. ``alpha_t`` is ``focal_alpha``
+  for ink and ``1 - focal_alpha`` for background, so with ``focal_alpha <= 0.5`` each pixel's
+  focal loss is at most its BCE.
+- ``dice``: ``1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1)`` on sigmoid probabilities and
+  the unsmoothed target (smooth = 1), sums over valid pixels.
+- ``bce+dice`` / ``focal+dice``: ``(1 - dice_weight) * bce_or_focal + dice_weight * dice``.
+
+The scalar loss reduces over the whole batch (pixel mean over all valid pixels; dice from
+batch-wide sums, as smp's ``DiceLoss`` does). :func:`per_sample_loss` computes the same loss
+on each sample alone, so its mean is close to, but not exactly, the batch value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from inkpipe.pipeline.errors import ConfigError, check_choice
+
+__all__ = ["LOSS_NAMES", "DICE_SMOOTH", "LossFn", "LossSpec", "build_loss", "per_sample_loss"]
+
+LOSS_NAMES = ("bce", "focal", "dice", "bce+dice", "focal+dice")
+
+DICE_SMOOTH = 1.0
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""``loss(logits, target, valid) -> scalar``; see :func:`build_loss`."""
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Which loss to train with, and its parameters.
+
+    Attributes:
+        name: one of :data:`LOSS_NAMES`.
+        focal_alpha: weight of ink pixels in the focal loss, in [0, 1] (background gets
+            ``1 - focal_alpha``).
+        focal_gamma: focusing exponent of the focal loss, >= 0 (0 gives alpha-weighted BCE).
+        label_smoothing: ``s`` in [0, 1): BCE and focal targets become
+            ``target * (1 - s) + 0.5 * s``; dice always uses the hard target.
+        dice_weight: ``w`` in [0, 1] for the combinations:
+            ``(1 - w) * bce_or_focal + w * dice``.
+    """
+
+    name: str = "bce+dice"
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    dice_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_choice("loss", self.name, LOSS_NAMES)
+        _check_range("focal_alpha", self.focal_alpha, 0.0, 1.0, closed=True)
+        if not _is_number(self.focal_gamma) or self.focal_gamma < 0:
+            raise ConfigError(f"focal_gamma must be >= 0, got {self.focal_gamma!r}")
+        _check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, closed=False)
+        _check_range("dice_weight", self.dice_weight, 0.0, 1.0, closed=True)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_range(name: str, value: object, lo: float, hi: float, closed: bool) -> None:
+    ok = _is_number(value) and lo <= value <= hi and (closed or value < hi)  # type: ignore[operator]
+    if not ok:
+        bracket = "]" if closed else ")"
+        raise ConfigError(f"{name} must be in [{lo:g}, {hi:g}{bracket}, got {value!r}")
+
+
+class _Loss:
+    """The callable :func:`build_loss` returns; a plain picklable object."""
+
+    def __init__(self, spec: LossSpec) -> None:
+        self.spec = spec
+
+    def __call__(
+        self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return _loss(self.spec, logits, target, valid, per_sample=False)
+
+    def __repr__(self) -> str:
+        return f"Loss({self.spec})"
+
+
+def build_loss(spec: LossSpec) -> LossFn:
+    """Return ``loss(logits, target, valid=None) -> scalar`` for ``spec``.
+
+    Args:
+        spec: the loss choice and its parameters.
+
+    Returns:
+        A callable taking ``logits`` (B, 1, H, W) float (any dtype), ``target`` (B, 1, H, W)
+        float in {0, 1} and optional ``valid`` (B, 1, H, W) float in {0, 1}, returning a
+        float32 scalar tensor (differentiable w.r.t. ``logits``). A batch with no valid pixel
+        gives 0 (BCE/focal) or ``1 - 1/1 = 0`` (dice).
+    """
+    return _Loss(spec)
+
+
+def per_sample_loss(
+    spec: LossSpec,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return the loss of each sample alone, for hard-negative mining.
+
+    Args:
+        spec: the loss choice and its parameters.
+        logits: (B, 1, H, W) float, any dtype.
+        target: (B, 1, H, W) float in {0, 1}.
+        valid: optional (B, 1, H, W) float in {0, 1}; 0 excludes a pixel.
+
+    Returns:
+        (B,) float32 tensor; a sample with no valid pixel gets 0.
+    """
+    return _loss(spec, logits, target, valid, per_sample=True)
+
+
+def _loss(
+    spec: LossSpec,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor | None,
+    per_sample: bool,
+) -> torch.Tensor:
+    if logits.shape != target.shape:
+        raise ValueError(
+            f"logits and target must have the same shape, got {tuple(logits.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    if logits.ndim < 2:
+        raise ValueError(f"expected (B, 1, H, W) logits, got shape {tuple(logits.shape)}")
+    # Autocast would run some of these ops in half precision; the sums need float32.
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        x = logits.float()
+        t = target.float()
+        v = torch.ones_like(x) if valid is None else torch.broadcast_to(valid.float(), x.shape)
+        dims = tuple(range(1, x.ndim)) if per_sample else tuple(range(x.ndim))
+        name = spec.name
+        w = spec.dice_weight
+        if name == "dice":
+            return _dice(x, t, v, dims)
+        pixelwise = _bce if name.startswith("bce") else _focal
+        pixel_loss = _masked_mean(pixelwise(spec, x, t), v, dims)
+        if "+dice" in name:
+            return (1.0 - w) * pixel_loss + w * _dice(x, t, v, dims)
+        return pixel_loss
+
+
+def _smooth(spec: LossSpec, t: torch.Tensor) -> torch.Tensor:
+    s = spec.label_smoothing
+    return t * (1.0 - s) + 0.5 * s if s > 0 else t
+
+
+def _bce(spec: LossSpec, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(x, _smooth(spec, t), reduction="none")
+
+
+def _focal(spec: LossSpec, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    t = _smooth(spec, t)
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    # 1 - p_t written without cancellation: sigmoid(-x) = 1 - sigmoid(x) stays accurate
+    # where sigmoid(x) rounds to 1.
+    one_minus_pt = t * torch.sigmoid(-x) + (1.0 - t) * torch.sigmoid(x)
+    # The floor keeps the gradient of pow finite for gamma < 1 where 1 - p_t underflows to 0.
+    one_minus_pt = one_minus_pt.clamp_min(1e-12)
+    loss = ce * one_minus_pt.pow(spec.focal_gamma) if spec.focal_gamma else ce
+    alpha_t = spec.focal_alpha * t + (1.0 - spec.focal_alpha) * (1.0 - t)
+    return alpha_t * loss
+
+
+def _masked_mean(values: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return (values * v).sum(dim=dims) / v.sum(dim=dims).clamp_min(1.0)
+
+
+def _dice(x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    p = torch.sigmoid(x) * v
+    t = t * v
+    intersection = (p * t).sum(dim=dims)
+    total = p.sum(dim=dims) + t.sum(dim=dims)
+    return 1.0 - (2.0 * intersection + DICE_SMOOTH) / (total + DICE_SMOOTH)
