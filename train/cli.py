@@ -139,6 +139,12 @@ from .models import MODEL_NAMES, ModelSpec
     help="Budget of the decoded-chunk cache (split between workers).",
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
+@click.option(
+    "--max-minutes",
+    type=float,
+    default=None,
+    help="Stop after the epoch that passes this time budget.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(
     store: Path,

@@ -83,6 +83,7 @@ class TrainConfig:
         seed: seeds every random draw; device: auto/cpu/cuda; workers: DataLoader workers.
         cache_mb: decoded-block cache budget (split between workers).
         resume: continue from ``out/last.pt``.
+        max_minutes: stop after the epoch that passes this wall-clock budget (None: no limit).
         progress: show progress bars.
     """
 
@@ -113,6 +114,7 @@ class TrainConfig:
     workers: int = 0
     cache_mb: float = 1024
     resume: bool = False
+    max_minutes: float | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:

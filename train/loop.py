@@ -222,6 +222,15 @@ def distributed(device: torch.device) -> Iterator[Dist]:
         dist.destroy_process_group()
 
 
+def _agree(flag: bool, d: Dist, device: torch.device) -> bool:
+    """Return rank 0's ``flag`` on every rank (so all ranks stop together)."""
+    if d.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def _barrier(d: Dist) -> None:
     if d.world_size > 1:
         dist.barrier()
@@ -518,8 +527,13 @@ def _train(
         )
     _barrier(d)
     config = cfg.to_dict()
+    started = time.perf_counter()
 
     for epoch in range(start_epoch, cfg.epochs):
+        spent = cfg.max_minutes is not None and time.perf_counter() - started > cfg.max_minutes * 60
+        if _agree(spent, d, device):
+            log(f"stopping after epoch {epoch}: the --max-minutes {cfg.max_minutes} are spent")
+            break
         t0 = time.perf_counter()
         if cfg.hard_negatives > 0 and epoch > 0:
             sampler.set_hard_negatives(
