@@ -81,7 +81,7 @@ class InkpipeGroup(click.Group):
 @click.group(cls=InkpipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="inkpipe")
 def cli() -> None:
-    r"""Find ink in CT scans of the Herculaneum papyri.
+    """Find ink in CT scans of the Herculaneum papyri.
 
     \b
     A typical run:

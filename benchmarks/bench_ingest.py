@@ -1,0 +1,166 @@
+"""Ingest benchmark at real size: throughput vs cp, peak RSS, store size, crop reads/s.
+
+    python benchmarks/bench_ingest.py [--height 8181 --width 6330] [--workdir /tmp/inkbench]
+
+On one real-size synthetic fragment (8181 x 6330 x 65 uint16, ~6.7 GB of TIFFs), from a cold
+page cache: ``cp -r`` + ``sync`` of the TIFFs (this machine's read-and-write limit), then
+``inkpipe ingest`` + ``sync`` in a fresh process (throughput, peak RSS), the store's size and
+compression ratio, and random 224 x 224 x 10 crop reads per second from the store for the
+default chunking next to two alternatives and next to memmapped raw TIFFs, all on the same
+crops (region-ordered as the training sampler draws them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from _common import RSS_SUFFIX, ensure_fragment, evict, run_measured, tree_bytes
+
+from inkpipe.pipeline.layers import LayerRange
+from inkpipe.pipeline.store import open_fragments
+from inkpipe.pipeline.volume import BlockCache
+from inkpipe.train.data import WindowSampler, WindowSet
+
+ALTERNATIVES = [  # (label, chunk_layers, chunk_px, codec)
+    ("4x512x512 lz4 (default)", 4, 512, "lz4"),
+    ("4x256x256 lz4", 4, 256, "lz4"),
+    ("8x256x256 zstd", 8, 256, "zstd"),
+]
+
+
+def ingest_code(root: Path, out: Path, chunk_layers: int, chunk_px: int, codec: str) -> str:
+    return (
+        f"""
+import os
+from pathlib import Path
+from inkpipe.pipeline.ingest import IngestConfig, ingest
+from inkpipe.pipeline.store import StoreSettings
+s = StoreSettings(chunk_layers={chunk_layers}, chunk_px={chunk_px}, codec={codec!r})
+ingest(IngestConfig(root=Path({str(root)!r}), out=Path({str(out)!r}), settings=s, workers=2,
+                    progress=False), log=lambda m: None)
+os.sync()
+"""
+        + RSS_SUFFIX
+    )
+
+
+def crop_rates(store: Path, crops: np.ndarray, layers: LayerRange) -> tuple[float, float]:
+    """Crops/s through the block cache (1 GB) and naive per-crop Zarr reads."""
+    frag = open_fragments(store)[0]
+    cache = BlockCache([frag.volume], layers, budget_mb=1024)
+    t0 = time.perf_counter()
+    for f, y, x in crops:
+        cache.read(f, y, x, 224)
+    cached = len(crops) / (time.perf_counter() - t0)
+    vol = frag.volume
+    n = min(len(crops), 300)
+    t0 = time.perf_counter()
+    for _, y, x in crops[:n]:
+        np.asarray(vol[layers.as_slice(), y : y + 224, x : x + 224])
+    naive = n / (time.perf_counter() - t0)
+    return cached, naive
+
+
+def memmap_rate(frag_dir: Path, crops: np.ndarray, layers: LayerRange) -> float:
+    maps = [
+        tifffile.memmap(frag_dir / "surface_volume" / f"{z:02d}.tif")
+        for z in range(layers.start, layers.stop)
+    ]
+    t0 = time.perf_counter()
+    for _, y, x in crops:
+        np.stack([m[y : y + 224, x : x + 224] for m in maps])
+    return len(crops) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--height", type=int, default=8181)
+    ap.add_argument("--width", type=int, default=6330)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/inkbench"))
+    ap.add_argument("--crops", type=int, default=3000)
+    ap.add_argument("--skip-alternatives", action="store_true")
+    args = ap.parse_args()
+    root = args.workdir / f"frag_{args.height}x{args.width}"
+    frag = ensure_fragment(root, args.height, args.width)
+    tiffs = sorted((frag / "surface_volume").glob("*.tif"))
+    in_bytes = sum(p.stat().st_size for p in tiffs)
+    print(f"\ninput: {len(tiffs)} slices, {in_bytes / 1e9:.2f} GB")
+
+    dst = args.workdir / "cp_copy"
+    shutil.rmtree(dst, ignore_errors=True)
+    evict(tiffs)
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", str(frag / "surface_volume"), str(dst)], check=True)
+    subprocess.run(["sync"], check=True)
+    cp_s = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    cp_rate = in_bytes / 1e6 / cp_s
+    print(f"cp -r + sync (cold): {cp_s:.1f} s, {cp_rate:.0f} MB/s")
+
+    rows = []
+    layers = LayerRange(28, 38)
+    h, w = args.height, args.width
+    ys, xs = np.meshgrid(np.arange(0, h - 224, 112), np.arange(0, w - 224, 112), indexing="ij")
+    win = np.column_stack([ys.ravel(), xs.ravel(), np.ones(ys.size), np.ones(ys.size)]).astype(
+        np.int32
+    )
+    crops = WindowSampler([WindowSet(0, (h, w), win)], 224, args.crops, 16, seed=0).draw(0)
+    for i, (label, cl, cp_, codec) in enumerate(ALTERNATIVES):
+        if i and args.skip_alternatives:
+            break
+        out = args.workdir / f"store_{cl}_{cp_}_{codec}.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        evict(tiffs)
+        secs, rss, _ = run_measured(ingest_code(frag.parent.parent, out, cl, cp_, codec))
+        vol_bytes = tree_bytes(out / "1" / "volume")
+        cached, naive = crop_rates(out, crops, layers)
+        rows.append(
+            (
+                label,
+                secs,
+                in_bytes / 1e6 / secs,
+                rss,
+                tree_bytes(out),
+                in_bytes / vol_bytes,
+                cached,
+                naive,
+            )
+        )
+        print(
+            f"{label}: ingest {secs:.1f} s ({in_bytes / 1e6 / secs:.0f} MB/s, {in_bytes / 1e6 / secs / cp_rate:.2f}x cp), "
+            f"peak RSS {rss:.0f} MB, store {tree_bytes(out) / 1e9:.2f} GB, ratio {in_bytes / vol_bytes:.3f}, "
+            f"crops/s cached {cached:.0f}, naive {naive:.0f}",
+            flush=True,
+        )
+        if i:
+            shutil.rmtree(out)
+    mm_warm = memmap_rate(frag, crops, layers)
+    evict(tiffs)
+    mm_cold = memmap_rate(frag, crops[:500], layers)
+
+    print(
+        f"\n### Ingest, {args.height}x{args.width}x65 synthetic fragment ({in_bytes / 1e9:.2f} GB of TIFFs), 2 cores"
+    )
+    print(f"\ncp -r + sync, cold cache: {cp_rate:.0f} MB/s\n")
+    print(
+        "| chunks, codec | ingest s | MB/s | x cp | peak RSS MB | store GB | ratio | crops/s (cache) | crops/s (naive zarr) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, secs, rate, rss, size, ratio, cached, naive in rows:
+        print(
+            f"| {label} | {secs:.1f} | {rate:.0f} | {rate / cp_rate:.2f} | {rss:.0f} | {size / 1e9:.2f} | {ratio:.3f} | {cached:.0f} | {naive:.0f} |"
+        )
+    print(
+        f"\nmemmapped raw TIFFs, same {len(crops)} crops of 10 layers: {mm_warm:.0f} crops/s warm, "
+        f"{mm_cold:.0f} crops/s cold (first 500)"
+    )
+
+
+if __name__ == "__main__":
+    main()

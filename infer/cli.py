@@ -1,0 +1,158 @@
+"""``inkpipe predict`` and ``inkpipe evaluate``: parse options into a config, call one function.
+
+Loaded lazily by the group in :mod:`inkpipe.pipeline.cli`, which also turns every
+:class:`~inkpipe.pipeline.errors.InkpipeError` into a one-line ``Error: …`` and exit code 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .evaluate import EvaluateConfig, evaluate
+from .predict import DEVICES, PredictConfig, format_predictions, predict
+from .tta import TTA_MODES
+
+
+@click.command("predict")
+@click.argument("fragments", nargs=-1, required=True)
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Checkpoint written by 'inkpipe train' (e.g. runs/a/best.pt). Required; repeat it to "
+    "average an ensemble of models trained with the same --layers and tile size.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output folder: submission.csv, <id>_probability.png, <id>_mask.png, "
+    "<id>_overlay.png, predict.json.",
+)
+@click.option(
+    "--store",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Predict fragments already ingested in this store; FRAGMENT are then fragment ids. "
+    "Without it, FRAGMENT are fragment folders, ingested into OUT/.ingest.zarr first.",
+)
+@click.option(
+    "--overlap",
+    default=0.5,
+    show_default=True,
+    help="Fraction of a tile shared by neighbouring windows, 0…0.95 (stride = tile x (1 - "
+    "overlap)).",
+)
+@click.option(
+    "--tta",
+    default="flips",
+    show_default=True,
+    type=click.Choice(TTA_MODES),
+    help="Test-time augmentation: none (1 pass), flips (4 passes), flips+rot90 (8 passes).",
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Ink where probability >= THRESHOLD, 0…1. Default: the mean of the checkpoints' "
+    "validation thresholds.",
+)
+@click.option(
+    "--open-px",
+    default=1,
+    show_default=True,
+    help="Radius of the morphological opening that removes specks, px (0: off).",
+)
+@click.option(
+    "--min-area",
+    default=0,
+    show_default=True,
+    help="Drop ink blobs smaller than this many pixels (0: keep all).",
+)
+@click.option("--batch-size", default=16, show_default=True, help="Windows per model call.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
+@click.option(
+    "--cache-mb",
+    default=512.0,
+    show_default=True,
+    help="Budget of the decoded-chunk cache, MB.",
+)
+@click.option(
+    "--canvas-budget-mb",
+    default=1024.0,
+    show_default=True,
+    help="Blend canvases above this many MB are memory-mapped in a temporary folder in OUT.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def predict_command(
+    fragments: tuple[str, ...],
+    checkpoints: tuple[Path, ...],
+    out: Path,
+    store: Path | None,
+    overlap: float,
+    tta: str,
+    threshold: float | None,
+    open_px: int,
+    min_area: int,
+    batch_size: int,
+    device: str,
+    cache_mb: float,
+    canvas_budget_mb: float,
+    quiet: bool,
+) -> None:
+    """Predict ink on fragments; write submission.csv and pictures to OUT.
+
+    FRAGMENT is a fragment folder (surface_volume/00.tif …, mask.png, optional ir.png), or a
+    fragment id of --store. Each fragment is predicted tile by tile with Gaussian blending,
+    TTA and the average of the checkpoints, thresholded, cleaned and run-length encoded.
+
+    \b
+    Examples:
+      inkpipe predict --checkpoint runs/a/best.pt data/test/a data/test/b --out pred/
+      inkpipe predict --checkpoint f1.pt --checkpoint f2.pt --store store.zarr a --out pred/
+    """  # noqa: D301  (a real backspace: click's marker for "do not rewrap")
+    cfg = PredictConfig(
+        checkpoints=checkpoints,
+        fragments=fragments,
+        out=out,
+        store=store,
+        overlap=overlap,
+        tta=tta,
+        threshold=threshold,
+        open_px=open_px,
+        min_area=min_area,
+        batch_size=batch_size,
+        device=device,
+        cache_mb=cache_mb,
+        canvas_budget_mb=canvas_budget_mb,
+        progress=not quiet,
+    )
+    results = predict(cfg, log=click.echo)
+    click.echo(format_predictions(results, out))
+
+
+@click.command("evaluate")
+@click.argument("submission", type=click.Path(path_type=Path))
+@click.option(
+    "--labels",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder with the ink labels: <id>/inklabels.png (fragment layout) or <id>.png.",
+)
+@click.option(
+    "--beta",
+    default=0.5,
+    show_default=True,
+    help="F-beta weight of recall; the competition scored F0.5.",
+)
+def evaluate_command(submission: Path, labels: Path, beta: float) -> None:
+    """Score a submission CSV against ink labels, per fragment and on average.
+
+    Every row is decoded at its label image's shape and scored over the whole image, as the
+    competition did.
+    """
+    report = evaluate(EvaluateConfig(submission=submission, labels=labels, beta=beta))
+    click.echo(report.to_table())

@@ -1,0 +1,607 @@
+"""``inkpipe predict``: checkpoints + fragments -> submission CSV, probability maps and pictures.
+
+For each fragment the model's layer range is read lazily from the store through a bounded
+chunk cache (:class:`~inkpipe.pipeline.volume.VolumeView`), predicted tile by tile with
+Gaussian blending (:func:`~inkpipe.pipeline.blending.sliding_window_predict`; windows without
+papyrus are skipped), through TTA and an ensemble of checkpoints, then thresholded and cleaned
+(:func:`~inkpipe.infer.postprocess.postprocess`) and run-length encoded. Raw fragment folders
+are first ingested into ``OUT/.ingest.zarr`` with the ordinary ingest (unchanged fragments are
+skipped on a rerun).
+
+Memory on a real fragment (8181 x 6330 px): the blend canvases (weighted sum, weights and the
+result, float32, 207 MB each) stay in RAM up to ``canvas_budget_mb`` and go to memory maps in
+a temporary folder inside ``OUT`` above it; the chunk cache is bounded by ``cache_mb``; the
+2-D outputs are uint8 (1 byte per pixel), and the overlay is drawn at most 4096 px on its long
+side. Axis order is (y, x) for images, (z, y, x) for volumes.
+
+Outputs in ``OUT``: ``submission.csv`` (``Id,Predicted``, one row per fragment, in the order
+given), per fragment ``<id>_probability.png`` (probability x 255), ``<id>_mask.png``
+(0/255), ``<id>_overlay.png`` (RGB picture), and ``predict.json`` (the resolved settings and
+per-fragment results, so the outputs say how they were made).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+from tqdm.auto import tqdm
+
+from inkpipe.pipeline import __version__
+from inkpipe.pipeline.blending import sliding_window_predict
+from inkpipe.pipeline.errors import (
+    ConfigError,
+    InputNotFoundError,
+    InvalidInputError,
+    check_choice,
+)
+from inkpipe.pipeline.fragments import SLICE_DIR, discover_fragments, is_fragment_dir, list_slices
+from inkpipe.pipeline.images import atomic_path, write_png
+from inkpipe.pipeline.ingest import IngestConfig, ingest
+from inkpipe.pipeline.layers import LayerRange
+from inkpipe.pipeline.store import Fragment, open_fragment, open_store
+from inkpipe.pipeline.volume import Normalizer, VolumeView
+from inkpipe.pipeline.windows import tile_starts
+from inkpipe.train.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    make_predictor,
+    model_from_checkpoint,
+    select_device,
+)
+
+from .postprocess import postprocess
+from .rle import encode_rle, write_submission
+from .tta import TTA_MODES, TtaMode, ensemble, with_tta
+
+__all__ = [
+    "DEVICES",
+    "FragmentPrediction",
+    "PredictConfig",
+    "count_windows",
+    "format_predictions",
+    "predict",
+    "render_overlay",
+    "stride_for",
+]
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+MAX_OVERLAP = 0.95
+OVERLAY_MAX_PX = 4096
+INGEST_STORE = ".ingest.zarr"
+SUBMISSION = "submission.csv"
+RECORD = "predict.json"
+
+# Overlay look: papyrus in gray, outside it darkened to 35 %, ink tinted magenta at alpha 0.5.
+OVERLAY_DARKEN = 0.35
+OVERLAY_ALPHA = 0.5
+OVERLAY_COLOR = (255.0, 0.0, 200.0)
+
+_ROWS = 1024  # rows per block in full-size conversions, to bound float temporaries
+
+Array2D = NDArray[np.uint8]
+BatchPredictor = Callable[[NDArray[np.float32]], NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Everything ``predict`` needs.
+
+    Attributes:
+        checkpoints: one or more ``inkpipe train`` checkpoints; all must read the same layer
+            range with the same tile size. Their probabilities are averaged (an ensemble).
+        fragments: raw fragment folders (with ``surface_volume/``), or fragment ids when
+            ``store`` is given. Submission rows follow this order.
+        out: output folder (created).
+        store: predict fragments already ingested in this store (then ``fragments`` are ids).
+        overlap: fraction of a tile shared by neighbouring windows, in [0, 0.95];
+            ``stride_px = round(tile_px * (1 - overlap))``.
+        tta: test-time augmentation: ``none``, ``flips`` (4 passes), ``flips+rot90`` (8).
+        threshold: ink where probability >= threshold, in [0, 1]; None: the mean of the
+            checkpoints' validation thresholds.
+        open_px: radius of the morphological opening that removes specks (0: off).
+        min_area: drop ink blobs smaller than this many pixels (0: keep all).
+        batch_size: windows per model call.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        cache_mb: budget of the decoded-chunk cache.
+        canvas_budget_mb: blend canvases (sum, weights, result: 12 bytes per pixel) above this
+            go to memory maps in a temporary folder inside ``out``, deleted afterwards.
+        progress: show a progress bar over windows.
+    """
+
+    checkpoints: tuple[Path, ...]
+    fragments: tuple[str, ...]
+    out: Path
+    store: Path | None = None
+    overlap: float = 0.5
+    tta: str = "flips"
+    threshold: float | None = None
+    open_px: int = 1
+    min_area: int = 0
+    batch_size: int = 16
+    device: str = "auto"
+    cache_mb: float = 512
+    canvas_budget_mb: float = 1024
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Normalize paths and check every value (raises :class:`ConfigError`)."""
+        object.__setattr__(self, "checkpoints", tuple(Path(p) for p in self.checkpoints))
+        object.__setattr__(self, "fragments", tuple(str(f) for f in self.fragments))
+        object.__setattr__(self, "out", Path(self.out))
+        if self.store is not None:
+            object.__setattr__(self, "store", Path(self.store))
+        if not self.checkpoints:
+            raise ConfigError(
+                "no checkpoint given; pass --checkpoint RUN/best.pt (repeat it to ensemble "
+                "several models)"
+            )
+        if not self.fragments:
+            where = "fragment ids of the store" if self.store else "fragment folders"
+            raise ConfigError(f"no fragment given; pass one or more {where}")
+        dupes = sorted({f for f in self.fragments if self.fragments.count(f) > 1})
+        if dupes:
+            raise ConfigError(f"fragments given twice: {dupes}; pass each fragment once")
+        check_choice("TTA mode", self.tta, TTA_MODES)
+        check_choice("device", self.device, DEVICES)
+        if not _is_number(self.overlap) or not 0 <= self.overlap <= MAX_OVERLAP:
+            raise ConfigError(
+                f"overlap must be in [0, {MAX_OVERLAP}], got {self.overlap!r}; 0.5 (half a tile) "
+                "is the usual choice"
+            )
+        if self.threshold is not None and (
+            not _is_number(self.threshold) or not 0 <= self.threshold <= 1
+        ):
+            raise ConfigError(
+                f"threshold must be in [0, 1], got {self.threshold!r}; omit it to use the "
+                "checkpoints' validation threshold"
+            )
+        for name, minimum in (("open_px", 0), ("min_area", 0), ("batch_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if not _is_number(self.cache_mb) or self.cache_mb <= 0:
+            raise ConfigError(f"cache_mb must be > 0, got {self.cache_mb!r}; e.g. 512")
+        if not _is_number(self.canvas_budget_mb) or self.canvas_budget_mb < 0:
+            raise ConfigError(
+                f"canvas_budget_mb must be >= 0, got {self.canvas_budget_mb!r}; "
+                "0 always uses memory maps"
+            )
+
+
+@dataclass(frozen=True)
+class FragmentPrediction:
+    """What ``predict`` produced for one fragment.
+
+    Attributes:
+        id: fragment id; shape: (H, W) in pixels.
+        ink_fraction: share of the papyrus (mask) pixels predicted as ink, in [0, 1].
+        probability_png, mask_png, overlay_png: the pictures written.
+        seconds: wall time for this fragment (prediction, post-processing, pictures).
+    """
+
+    id: str
+    shape: tuple[int, int]
+    ink_fraction: float
+    probability_png: Path
+    mask_png: Path
+    overlay_png: Path
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Models:
+    """Loaded checkpoints that agree on what they read."""
+
+    checkpoints: tuple[Checkpoint, ...]
+    layers: LayerRange
+    tile_px: int
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def stride_for(tile_px: int, overlap: float) -> int:
+    """Return the window stride in pixels: ``round(tile_px * (1 - overlap))``, at least 1."""
+    return max(1, round(tile_px * (1 - overlap)))
+
+
+def load_models(paths: Sequence[Path]) -> _Models:
+    """Load checkpoints and check they read the same layers with the same tile size.
+
+    Raises:
+        InputNotFoundError: a checkpoint file is missing.
+        InvalidInputError: a file is not an inkpipe checkpoint.
+        ConfigError: two checkpoints disagree (both are named).
+    """
+    ckpts = tuple(load_checkpoint(p) for p in paths)
+    first = ckpts[0]
+    for other in ckpts[1:]:
+        if (other.layers, other.tile_px) != (first.layers, first.tile_px):
+            raise ConfigError(
+                f"checkpoints disagree: {first.path} reads layers {first.layers} with "
+                f"{first.tile_px} px tiles, {other.path} reads layers {other.layers} with "
+                f"{other.tile_px} px tiles; ensemble only models trained with the same "
+                "--layers and tile size"
+            )
+    return _Models(ckpts, first.layers, first.tile_px)
+
+
+def build_predictor(models: _Models, device: str, tta: str) -> BatchPredictor:
+    """Return ``(B, k, t, t) float32 -> (B, t, t) float32`` ink probabilities.
+
+    Each checkpoint's model gives probabilities (after the sigmoid) on NumPy batches; TTA
+    wraps each of them (so flips are undone on probabilities), and the ensemble averages them.
+    """
+    dev = select_device(device)
+    mode = cast(TtaMode, check_choice("TTA mode", tta, TTA_MODES))
+    members = [
+        with_tta(make_predictor(model_from_checkpoint(ck), dev), mode) for ck in models.checkpoints
+    ]
+    return ensemble(members)
+
+
+def _resolve_store_fragments(cfg: PredictConfig) -> list[Fragment]:
+    """Open the requested fragments of ``cfg.store``, all of them checked before any is used."""
+    assert cfg.store is not None
+    root = open_store(cfg.store)
+    return [open_fragment(root, fragment_id) for fragment_id in cfg.fragments]
+
+
+def _check_folders(cfg: PredictConfig, layers: LayerRange) -> list[Path]:
+    """Check the raw fragment folders cheaply (before ingesting) and return them resolved."""
+    folders = []
+    for given in cfg.fragments:
+        folder = Path(given)
+        if not folder.is_dir():
+            raise InputNotFoundError(
+                f"fragment folder not found: {folder}; pass fragment folders (holding "
+                f"{SLICE_DIR}/), or fragment ids together with --store STORE"
+            )
+        if not is_fragment_dir(folder):
+            inner = [c for c in sorted(folder.iterdir()) if is_fragment_dir(c)]
+            hint = (
+                f"it holds fragment folders: pass them, e.g. {' '.join(str(c) for c in inner[:3])}"
+                if inner
+                else f"a fragment folder holds {SLICE_DIR}/00.tif … and mask.png"
+            )
+            raise InvalidInputError(f"{folder} is not a fragment folder (no {SLICE_DIR}/); {hint}")
+        folder = folder.resolve()
+        (source,) = discover_fragments(folder)
+        layers.check(len(list_slices(source)), where=f"fragment {source.id} ({folder})")
+        folders.append(folder)
+    ids = [f.name for f in folders]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise InvalidInputError(
+            f"several folders are named {dupes}; fragment ids come from folder names and must "
+            "be unique in one prediction"
+        )
+    return folders
+
+
+def resolve_fragments(
+    cfg: PredictConfig, layers: LayerRange, log: Callable[[str], None] = print
+) -> list[Fragment]:
+    """Return the fragments to predict, in the order given, ingesting raw folders first.
+
+    Raises:
+        StoreError: an id is not in the store (the message lists the ids there are).
+        InputNotFoundError / InvalidInputError: a folder is missing or is not a fragment.
+        ConfigError: the model's layers do not fit a fragment.
+    """
+    if cfg.store is not None:
+        fragments = _resolve_store_fragments(cfg)
+    else:
+        folders = _check_folders(cfg, layers)
+        store = cfg.out / INGEST_STORE
+        for folder in folders:
+            ingest(IngestConfig(root=folder, out=store, progress=cfg.progress), log=log)
+        root = open_store(store)
+        fragments = [open_fragment(root, folder.name) for folder in folders]
+    for frag in fragments:
+        layers.check(frag.meta.layers, where=f"fragment {frag.id}")
+    return fragments
+
+
+def count_windows(valid: NDArray[Any], tile_px: int, stride_px: int) -> int:
+    """Count the grid windows holding at least one valid pixel (those that get predicted).
+
+    Same grid as :func:`~inkpipe.pipeline.windows.grid_windows`; per row of windows, a column
+    prefix sum of "any valid pixel in these rows" counts the windows at once.
+
+    Args:
+        valid: (H, W) array, nonzero where valid (the papyrus mask).
+        tile_px: window side in pixels; stride_px: step between windows.
+    """
+    height, width = valid.shape
+    ys = tile_starts(height, tile_px, stride_px)
+    xs = tile_starts(width, tile_px, stride_px)
+    x1 = np.minimum(xs + tile_px, width)
+    n = 0
+    for y in ys.tolist():
+        cols = np.asarray(valid[y : y + tile_px]).any(axis=0)
+        prefix = np.concatenate([[0], np.cumsum(cols)])
+        n += int(np.count_nonzero(prefix[x1] - prefix[xs]))
+    return n
+
+
+def _with_progress(predictor: BatchPredictor, bar: Any) -> BatchPredictor:
+    """Advance ``bar`` by the batch size after every predictor call."""
+
+    def run(batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        out = predictor(batch)
+        bar.update(len(batch))
+        return out
+
+    return run
+
+
+def probability_to_uint8(prob: NDArray[np.float32]) -> Array2D:
+    """Scale (H, W) float32 probabilities in [0, 1] to (H, W) uint8 0…255, rounded."""
+    out = np.empty(prob.shape, dtype=np.uint8)
+    for lo in range(0, prob.shape[0], _ROWS):
+        block = prob[lo : lo + _ROWS] * np.float32(255)
+        block += np.float32(0.5)
+        np.clip(block, 0, 255, out=block)
+        out[lo : lo + _ROWS] = block
+    return out
+
+
+def stretch_to_uint8(image: NDArray[Any], low: float, high: float) -> Array2D:
+    """Map ``[low, high]`` of a (H, W) image linearly to 0…255 (clipped), as uint8."""
+    span = max(float(high) - float(low), 1e-6)
+    out = np.empty(image.shape, dtype=np.uint8)
+    for lo in range(0, image.shape[0], _ROWS):
+        block = image[lo : lo + _ROWS].astype(np.float32)
+        block -= np.float32(low)
+        block *= np.float32(255 / span)
+        np.clip(block + np.float32(0.5), 0, 255, out=block)
+        out[lo : lo + _ROWS] = block
+    return out
+
+
+def overlay_background(frag: Fragment, layers: LayerRange) -> tuple[Array2D, str]:
+    """Return the gray picture under the overlay, (H, W) uint8, and what it is.
+
+    The IR photo when the fragment has one; else the middle layer of the model's range,
+    contrast-stretched to its p1…p99 inside the mask (the statistics stored at ingest).
+    """
+    ir = frag.ir()
+    if ir is not None:
+        return ir, "IR image"
+    mid = layers.start + layers.k // 2
+    stats = frag.layer_stats()[mid]
+    layer = np.asarray(frag.volume[mid])
+    return stretch_to_uint8(layer, stats[2], stats[3]), f"CT layer {mid}"
+
+
+def _resize(image: Array2D, size: tuple[int, int]) -> Array2D:
+    """Resize a uint8 (H, W) image to ``size`` = (W, H) with area averaging."""
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
+def render_overlay(
+    gray: Array2D, papyrus: Array2D, ink: Array2D, max_px: int = OVERLAY_MAX_PX
+) -> tuple[NDArray[np.uint8], float]:
+    """Draw predicted ink over a gray picture of the fragment.
+
+    Papyrus is shown in gray, the outside of the papyrus darkened, ink tinted magenta with
+    alpha 0.5. Pictures larger than ``max_px`` on their long side are reduced first (area
+    averaging, so thin strokes stay visible as a lighter tint).
+
+    Args:
+        gray: (H, W) uint8 picture (IR or a CT layer).
+        papyrus: (H, W) uint8, nonzero on papyrus.
+        ink: (H, W) uint8, nonzero where ink was predicted.
+        max_px: longest side of the result.
+
+    Returns:
+        ((h, w, 3) uint8 RGB picture, scale = h / H <= 1).
+    """
+    height, width = gray.shape
+    scale = min(1.0, max_px / max(height, width))
+    papyrus_u8 = np.where(papyrus != 0, np.uint8(255), np.uint8(0))
+    ink_u8 = np.where(ink != 0, np.uint8(255), np.uint8(0))
+    if scale < 1:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        gray, papyrus_u8, ink_u8 = (_resize(a, size) for a in (gray, papyrus_u8, ink_u8))
+    rgb = np.empty((*gray.shape, 3), dtype=np.uint8)
+    color = np.asarray(OVERLAY_COLOR, dtype=np.float32)
+    for lo in range(0, gray.shape[0], _ROWS):
+        rows = slice(lo, lo + _ROWS)
+        inside = papyrus_u8[rows].astype(np.float32) / 255
+        base = gray[rows].astype(np.float32) * (OVERLAY_DARKEN + (1 - OVERLAY_DARKEN) * inside)
+        alpha = (ink_u8[rows].astype(np.float32) * (OVERLAY_ALPHA / 255))[..., None]
+        block = base[..., None] * (1 - alpha) + color * alpha
+        rgb[rows] = np.clip(block + 0.5, 0, 255)
+    return rgb, gray.shape[0] / height
+
+
+def _canvas_dir(cfg: PredictConfig, shape: tuple[int, int]) -> Path | None:
+    """Return a fresh temporary folder for memory-mapped canvases if they exceed the budget."""
+    canvas_mb = 3 * 4 * shape[0] * shape[1] / 2**20  # sum, weights, result; float32
+    if canvas_mb <= cfg.canvas_budget_mb:
+        return None
+    return Path(tempfile.mkdtemp(prefix=".canvas-", dir=cfg.out))
+
+
+def _predict_fragment(
+    frag: Fragment,
+    predictor: BatchPredictor,
+    models: _Models,
+    cfg: PredictConfig,
+    threshold: float,
+    log: Callable[[str], None],
+) -> tuple[FragmentPrediction, str]:
+    """Predict, post-process and draw one fragment; return its result and its RLE."""
+    t0 = time.perf_counter()
+    layers, tile_px = models.layers, models.tile_px
+    stride_px = stride_for(tile_px, cfg.overlap)
+    mask = frag.mask()
+    shape = (int(mask.shape[0]), int(mask.shape[1]))
+    view = VolumeView(
+        frag.volume, layers, Normalizer(frag.layer_stats()[layers.as_slice()]), cfg.cache_mb
+    )
+    n_windows = count_windows(mask, tile_px, stride_px)
+    spill = _canvas_dir(cfg, shape)
+    if spill is not None:
+        log(f"fragment {frag.id}: blend canvases memory-mapped in {spill} (above the budget)")
+    bar = tqdm(
+        total=n_windows,
+        unit="win",
+        desc=f"predict {frag.id}",
+        disable=not cfg.progress,
+        leave=False,
+    )
+    try:
+        prob = sliding_window_predict(
+            view,
+            _with_progress(predictor, bar),
+            tile_px,
+            stride_px,
+            cfg.batch_size,
+            valid=mask,
+            out_dir=spill,
+        )
+    finally:
+        bar.close()
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
+    del view  # frees the chunk cache
+    np.multiply(prob, mask, out=prob)  # no probability outside the papyrus
+    ink = postprocess(prob, threshold, cfg.open_px, cfg.min_area, papyrus_mask=mask)
+    prob_png = write_png(cfg.out / f"{frag.id}_probability.png", probability_to_uint8(prob))
+    del prob
+    rle = encode_rle(ink)
+    ink_px = int(np.count_nonzero(ink))
+    papyrus_px = int(np.count_nonzero(mask))
+    mask_png = write_png(cfg.out / f"{frag.id}_mask.png", ink * np.uint8(255))
+    gray, what = overlay_background(frag, layers)
+    overlay, scale = render_overlay(gray, mask, ink, OVERLAY_MAX_PX)
+    overlay_png = write_png(cfg.out / f"{frag.id}_overlay.png", overlay)
+    if scale < 1:
+        log(
+            f"fragment {frag.id}: overlay reduced to {overlay.shape[1]}x{overlay.shape[0]} px "
+            f"({scale:.2f}x) to keep its long side <= {OVERLAY_MAX_PX} px; the probability "
+            "and mask pictures are full size"
+        )
+    seconds = time.perf_counter() - t0
+    fraction = ink_px / max(papyrus_px, 1)
+    log(
+        f"fragment {frag.id}: {shape[0]}x{shape[1]} px, {n_windows} windows in {seconds:.1f} s "
+        f"({shape[0] * shape[1] / 1e6 / max(seconds, 1e-9):.2f} Mpx/s), ink {fraction:.1%} of "
+        f"the papyrus (overlay on the {what})"
+    )
+    result = FragmentPrediction(
+        frag.id, shape, fraction, prob_png, mask_png, overlay_png, round(seconds, 3)
+    )
+    return result, rle
+
+
+def _write_record(
+    cfg: PredictConfig,
+    models: _Models,
+    threshold: float,
+    results: list[FragmentPrediction],
+) -> Path:
+    """Write ``predict.json``: the resolved settings and the per-fragment results."""
+    record = {
+        "version": __version__,
+        "config": asdict(cfg),
+        "resolved": {
+            "layers": str(models.layers),
+            "tile_px": models.tile_px,
+            "stride_px": stride_for(models.tile_px, cfg.overlap),
+            "threshold": threshold,
+            "checkpoints": [
+                {"path": str(c.path), "model": c.model.to_dict(), "threshold": c.threshold}
+                for c in models.checkpoints
+            ],
+        },
+        "fragments": [asdict(r) for r in results],
+    }
+    path = cfg.out / RECORD
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def predict(cfg: PredictConfig, log: Callable[[str], None] = print) -> list[FragmentPrediction]:
+    """Predict ink on every fragment of ``cfg``; write the submission and the pictures.
+
+    Everything that can be checked is checked before the first window is predicted:
+    checkpoints (present, readable, in agreement), fragments (present, layers fit).
+
+    Returns:
+        one :class:`FragmentPrediction` per fragment, in the order given.
+
+    Raises:
+        InkpipeError subclasses with a one-line message for every input problem.
+    """
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise ConfigError(f"--out {cfg.out} is a file, expected a folder for the predictions")
+    models = load_models(cfg.checkpoints)
+    threshold = (
+        cfg.threshold
+        if cfg.threshold is not None
+        else float(np.mean([c.threshold for c in models.checkpoints]))
+    )
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    fragments = resolve_fragments(cfg, models.layers, log)
+    predictor = build_predictor(models, cfg.device, cfg.tta)
+    log(
+        f"predicting {len(fragments)} fragment(s) with {len(models.checkpoints)} checkpoint(s): "
+        f"layers {models.layers}, {models.tile_px} px tiles every "
+        f"{stride_for(models.tile_px, cfg.overlap)} px, TTA {cfg.tta}, threshold {threshold:.3f}"
+    )
+    results: list[FragmentPrediction] = []
+    rows: list[tuple[str, str]] = []
+    for frag in fragments:
+        result, rle = _predict_fragment(frag, predictor, models, cfg, threshold, log)
+        results.append(result)
+        rows.append((frag.id, rle))
+    write_submission(cfg.out / SUBMISSION, rows)
+    _write_record(cfg, models, threshold, results)
+    return results
+
+
+def format_predictions(results: Sequence[FragmentPrediction], out: Path) -> str:
+    """Return an aligned summary: one row per fragment, then where the files are."""
+    header = ("fragment", "H x W", "ink", "seconds")
+    rows = [
+        (r.id, f"{r.shape[0]} x {r.shape[1]}", f"{r.ink_fraction:.1%}", f"{r.seconds:.1f}")
+        for r in results
+    ]
+    table = [header, *rows]
+    widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        cells = [row[0].ljust(widths[0])]
+        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+        return "  ".join(cells).rstrip()
+
+    lines = [fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
+    out = Path(out)
+    lines += [
+        f"submission: {out / SUBMISSION}",
+        f"pictures:   {out}/<id>_probability.png, <id>_mask.png, <id>_overlay.png",
+        f"settings:   {out / RECORD}",
+    ]
+    return "\n".join(lines)
