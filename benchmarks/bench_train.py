@@ -1,0 +1,233 @@
+"""Training benchmarks: loader throughput, training peak RSS, and training quality.
+
+    python benchmarks/bench_train.py [--workdir /tmp/inkbench] [--minutes 6] [--quick]
+
+1. Loader throughput (crops/s) for k = 10, 30, 65 on a real-size synthetic fragment
+   (8181 x 6330 x 65; made by bench_ingest.py or here), on the same region-ordered crops the
+   training sampler draws: from the store through the bounded chunk cache (raw reads, and
+   normalised tensors as the DataLoader yields them), from an in-memory NumPy array (the
+   limit), and from memmapped raw TIFFs (warm page cache).
+2. Peak RSS of a short training run at k = 10 and k = 30, on the real-size store and on a
+   small one: it must not grow with the fragment.
+3. Quality: F0.5 on a held-out synthetic test fragment after a fixed CPU budget, both models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from _common import RSS_SUFFIX, ensure_fragment, run_measured
+
+from inkpipe.pipeline.ingest import IngestConfig, ingest
+from inkpipe.pipeline.layers import LayerRange
+from inkpipe.pipeline.store import StoreSettings, open_fragments
+
+LAYER_SETS = {10: LayerRange(28, 38), 30: LayerRange(18, 48), 65: LayerRange(0, 65)}
+
+
+def loader_rates(store: Path, frag_dir: Path, n: int) -> list[tuple]:
+    from inkpipe.train.data import CropDataset, WindowSampler, WindowSet
+
+    frag = open_fragments(store)[0]
+    sets = [WindowSet(0, frag.meta.shape[1:], frag.windows())]
+    crops = WindowSampler(sets, 224, n, 16, seed=0, jitter_px=32).draw(0)
+    rows = []
+    for k, layers in LAYER_SETS.items():
+        ds = CropDataset([frag], layers, 224, augment=None, cache_mb=1024)
+        t0 = time.perf_counter()
+        for key in crops:
+            ds.read_raw(*key)
+        raw = n / (time.perf_counter() - t0)
+        cache_mb = ds.cache.nbytes / 2**20
+        ds2 = CropDataset([frag], layers, 224, augment=None, cache_mb=1024)
+        t0 = time.perf_counter()
+        for key in crops:
+            ds2.item(tuple(key), augment=False)
+        items = n / (time.perf_counter() - t0)
+        del ds, ds2
+        arr = np.asarray(frag.volume[layers.as_slice()])
+        t0 = time.perf_counter()
+        for _, y, x in crops:
+            arr[:, y : y + 224, x : x + 224].copy()
+        ram = n / (time.perf_counter() - t0)
+        del arr
+        maps = [
+            tifffile.memmap(frag_dir / "surface_volume" / f"{z:02d}.tif")
+            for z in range(layers.start, layers.stop)
+        ]
+        for _, y, x in crops[: n // 4]:  # warm the page cache on these crops
+            np.stack([m[y : y + 224, x : x + 224] for m in maps])
+        t0 = time.perf_counter()
+        for _, y, x in crops:
+            np.stack([m[y : y + 224, x : x + 224] for m in maps])
+        mm = n / (time.perf_counter() - t0)
+        del maps
+        rows.append((k, raw, items, ram, mm, cache_mb))
+        print(
+            f"k={k}: store raw {raw:.0f}, store normalised {items:.0f}, RAM {ram:.0f}, "
+            f"memmap TIFF {mm:.0f} crops/s; cache held {cache_mb:.0f} MB",
+            flush=True,
+        )
+    return rows
+
+
+def train_rss(store: Path, layers: LayerRange, out: Path) -> tuple[float, float]:
+    code = (
+        f"""
+import shutil
+from pathlib import Path
+from inkpipe.pipeline.layers import LayerRange
+from inkpipe.train.config import TrainConfig, parse_validation
+from inkpipe.train.loop import train
+out = Path({str(out)!r}); shutil.rmtree(out, ignore_errors=True)
+train(TrainConfig(store=Path({str(store)!r}), out=out, layers=LayerRange({layers.start}, {layers.stop}),
+                  epochs=1, steps_per_epoch=4, batch_size=4, warmup_steps=1, progress=False,
+                  val=parse_validation("patches:8")), log=lambda m: None)
+"""
+        + RSS_SUFFIX
+    )
+    secs, rss, _ = run_measured(code)
+    return secs, rss
+
+
+def quality(workdir: Path, minutes: float, size: tuple[int, int]) -> list[tuple]:
+    from inkpipe.infer.evaluate import EvaluateConfig, evaluate
+    from inkpipe.infer.predict import PredictConfig, predict
+    from inkpipe.pipeline.synth import SynthConfig, synthesize
+    from inkpipe.train.config import TrainConfig, parse_validation
+    from inkpipe.train.loop import train
+    from inkpipe.train.models import ModelSpec
+
+    data = workdir / f"quality_{size[0]}x{size[1]}"
+    synthesize(
+        SynthConfig(out=data, n_train=2, n_test=1, height_px=size[0], width_px=size[1], seed=1)
+    )
+    store = data / "store.zarr"
+    ingest(
+        IngestConfig(
+            root=data, out=store, progress=False, settings=StoreSettings(tile_px=64, stride_px=32)
+        ),
+        log=lambda m: None,
+    )
+    layers = LayerRange(22, 40)
+    rows = []
+    for name in ("attention-unet", "unet"):
+        run = data / f"run_{name}"
+        import shutil
+
+        shutil.rmtree(run, ignore_errors=True)
+        t0 = time.perf_counter()
+        (res,) = train(
+            TrainConfig(
+                store=store,
+                out=run,
+                layers=layers,
+                model=ModelSpec(name=name, in_channels=layers.k),
+                epochs=1000,
+                steps_per_epoch=20,
+                batch_size=16,
+                lr=2e-3,
+                warmup_steps=20,
+                restart_epochs=1000,
+                aug="light",
+                jitter_px=16,
+                val=parse_validation("patches:24"),
+                max_minutes=minutes,
+                progress=False,
+            ),
+            log=lambda m: None,
+        )
+        train_s = time.perf_counter() - t0
+        pred = data / f"pred_{name}"
+        predict(
+            PredictConfig(
+                checkpoints=(res.best_path,),
+                fragments=("a",),
+                out=pred,
+                store=store,
+                tta="flips",
+                progress=False,
+            ),
+            log=lambda m: None,
+        )
+        rep = evaluate(EvaluateConfig(submission=pred / "submission.csv", labels=data / "truth"))
+        rows.append(
+            (
+                name,
+                train_s,
+                res.epochs_run,
+                res.best_f05,
+                rep.mean_fbeta,
+                rep.mean_precision,
+                rep.mean_recall,
+            )
+        )
+        print(
+            f"{name}: {train_s / 60:.1f} min, {res.epochs_run} epochs, val F0.5 {res.best_f05:.3f}, "
+            f"test F0.5 {rep.mean_fbeta:.3f} (P {rep.mean_precision:.3f}, R {rep.mean_recall:.3f})",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/inkbench"))
+    ap.add_argument("--crops", type=int, default=2000)
+    ap.add_argument("--minutes", type=float, default=6.0, help="CPU training budget per model")
+    ap.add_argument("--quick", action="store_true", help="small fragment, short runs")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: loader,rss,quality")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    h, w = (1024, 1024) if args.quick else (8181, 6330)
+    big_root = args.workdir / f"frag_{h}x{w}"
+    frag_dir = ensure_fragment(big_root, h, w)
+    big = args.workdir / "store_4_512_lz4.zarr" if not args.quick else args.workdir / "quick.zarr"
+    if not big.exists():
+        ingest(IngestConfig(root=big_root, out=big, progress=False), log=print)
+    small_root = args.workdir / "frag_1024x1024"
+    ensure_fragment(small_root, 1024, 1024)
+    small = args.workdir / "small.zarr"
+    if not small.exists():
+        ingest(IngestConfig(root=small_root, out=small, progress=False), log=print)
+
+    if "loader" not in skip:
+        rows = loader_rates(big, frag_dir, args.crops if not args.quick else 300)
+        print(
+            f"\n### Loader throughput, {h}x{w} fragment, {args.crops} region-ordered crops, one process\n"
+        )
+        print(
+            "| k | store, raw (cache) | store, normalised | in-memory NumPy | memmapped TIFFs (warm) | cache used MB |"
+        )
+        print("|---|---|---|---|---|---|")
+        for k, raw, items, ram, mm, cache in rows:
+            print(f"| {k} | {raw:.0f} | {items:.0f} | {ram:.0f} | {mm:.0f} | {cache:.0f} |")
+    if "rss" not in skip:
+        print(
+            "\n### Peak RSS of a short training run (attention-unet, batch 4, 4 steps, tile 224)\n"
+        )
+        print("| fragment | k | seconds | peak RSS MB |")
+        print("|---|---|---|---|")
+        for label, store in ((f"{h}x{w}", big), ("1024x1024", small)):
+            for k in (10, 30):
+                secs, rss = train_rss(store, LAYER_SETS[k], args.workdir / "rss_run")
+                print(f"| {label} | {k} | {secs:.0f} | {rss:.0f} |", flush=True)
+    if "quality" not in skip:
+        size = (384, 320) if args.quick else (768, 576)
+        minutes = 0.5 if args.quick else args.minutes
+        rows = quality(args.workdir, minutes, size)
+        print(
+            f"\n### Quality: held-out synthetic test fragment {size[0]}x{size[1]}, {minutes:g} CPU min per model, tile 64, layers 22:40\n"
+        )
+        print("| model | train min | epochs | val F0.5 | test F0.5 | precision | recall |")
+        print("|---|---|---|---|---|---|---|")
+        for name, secs, ep, vf, tf, p, r in rows:
+            print(f"| {name} | {secs / 60:.1f} | {ep} | {vf:.3f} | {tf:.3f} | {p:.3f} | {r:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
