@@ -32,7 +32,7 @@ _LAZY = {
         "Score a submission CSV against ink labels (F0.5).",
     ),
     "demo": (
-        "inkpipe.infer.cli",
+        "inkpipe.infer.demo",
         "demo_command",
         "Synthesize data, ingest, train, predict and score: the whole job on CPU.",
     ),

@@ -132,7 +132,7 @@ def plan_run(cfg: TrainConfig) -> Plan:
     rng = np.random.default_rng([cfg.seed, 7])
     val_windows = np.zeros((0, 3), np.int64)
     if cfg.val.kind == "patches":
-        val_windows = pick_held_out(sets, cfg.val.patches, tile, rng)
+        val_windows = pick_held_out(sets, cfg.val.patches, tile, rng, tile + cfg.jitter_px)
         sets = exclude_near(sets, val_windows, tile + cfg.jitter_px)
     if not any((s.windows[:, 3] > 0).any() for s in sets):
         raise TrainingError(
@@ -144,9 +144,13 @@ def plan_run(cfg: TrainConfig) -> Plan:
 
 
 def pick_held_out(
-    sets: list[WindowSet], n: int, tile_px: int, rng: np.random.Generator
+    sets: list[WindowSet], n: int, tile_px: int, rng: np.random.Generator, distance_px: int = 0
 ) -> CropTable:
     """Pick up to ``n`` non-overlapping windows, half with ink where possible.
+
+    A window is only taken while at least half of all windows, and one with ink, stay
+    trainable after :func:`exclude_near` with ``distance_px`` (0: ``tile_px``) — so a small
+    store gets fewer held-out windows instead of none to train on.
 
     Returns:
         (m, 3) int64 (fragment, y0, x0), m <= n.
@@ -159,19 +163,28 @@ def pick_held_out(
             for s in sets
         ]
     ).astype(np.int64)
+    distance = distance_px or tile_px
+    trainable = np.ones(len(table), bool)
     pos = rng.permutation(np.flatnonzero(table[:, 3] == 1))
     neg = rng.permutation(np.flatnonzero(table[:, 3] == 0))
     order = np.concatenate([pos[: n // 2], neg, pos[n // 2 :]])
     chosen: list[NDArray[np.int64]] = []
     for i in order:
         row = table[i, :3]
-        if all(
-            not (c[0] == row[0] and abs(c[1] - row[1]) < tile_px and abs(c[2] - row[2]) < tile_px)
+        same = table[:, 0] == row[0]
+        dy, dx = np.abs(table[:, 1] - row[1]), np.abs(table[:, 2] - row[2])
+        if any(
+            c[0] == row[0] and abs(c[1] - row[1]) < tile_px and abs(c[2] - row[2]) < tile_px
             for c in chosen
         ):
-            chosen.append(row)
-            if len(chosen) == n:
-                break
+            continue
+        left = trainable & ~(same & (dy < distance) & (dx < distance))
+        if left.sum() < len(table) / 2 or not (left & (table[:, 3] == 1)).any():
+            continue
+        trainable = left
+        chosen.append(row)
+        if len(chosen) == n:
+            break
     return np.array(chosen, dtype=np.int64).reshape(-1, 3)
 
 

@@ -49,3 +49,10 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     result = CliRunner().invoke(cli, ["ingest", str(tmp_path), "--out", str(tmp_path / "s.zarr")])
     assert result.exit_code == 1 and "no fragments found" in result.output
+
+
+def test_every_command_loads_and_has_help():
+    for name in ("synth", "ingest", "info", "train", "predict", "evaluate", "demo"):
+        result = CliRunner().invoke(cli, [name, "--help"])
+        assert result.exit_code == 0, (name, result.output)
+        assert "Usage: " in result.output and "--help" in result.output

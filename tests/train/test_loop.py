@@ -115,7 +115,12 @@ def test_pick_and_exclude_helpers():
     win = np.array([[0, 0, 1, 5], [0, 10, 1, 0], [50, 50, 1, 0], [100, 100, 1, 3]], np.int32)
     sets = [WindowSet(0, (200, 200), win)]
     held = pick_held_out(sets, 2, 32, np.random.default_rng(0))
-    assert len(held) == 2
+    assert len(held) == 1  # a second one would leave fewer than half the windows to train
+    grid = np.array(
+        [[y, x, 1, (y + x) % 200] for y in range(0, 400, 100) for x in range(0, 400, 100)], np.int32
+    )
+    held = pick_held_out([WindowSet(0, (500, 500), grid)], 3, 32, np.random.default_rng(0))
+    assert len(held) == 3
     kept = exclude_near(sets, np.array([[0, 0, 0]]), 40)[0].windows
     assert [tuple(r[:2]) for r in kept] == [(50, 50), (100, 100)]
 
