@@ -62,9 +62,13 @@ def run_measured(code: str) -> tuple[float, float, str]:
     return seconds, rss, "\n".join(out)
 
 
-RSS_SUFFIX = (
-    "\nimport resource; print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child started by a
+# parent that once held gigabytes would report the parent's peak.
+RSS_SUFFIX = """
+import re
+with open('/proc/self/status') as _fh:
+    print('MAXRSS_KB', re.search(r'VmHWM:\\s+(\\d+)', _fh.read()).group(1))
+"""
 
 
 def self_rss_mb() -> float:

@@ -41,10 +41,10 @@ class Normalizer:
     def __call__(self, crop: NDArray[np.uint16]) -> NDArray[np.float32]:
         """Normalise a (k, h, w) uint16 crop to (k, h, w) float32."""
         s = self.stats.astype(np.float32)
-        lo, hi = s[:, 2, None, None], s[:, 3, None, None]
-        x = np.clip(crop.astype(np.float32), lo, hi)
+        x = crop.astype(np.float32)
+        np.clip(x, s[:, 2, None, None], s[:, 3, None, None], out=x)  # in place: no new pages
         x -= s[:, 0, None, None]
-        x /= np.maximum(s[:, 1, None, None], np.float32(1))
+        x *= 1 / np.maximum(s[:, 1, None, None], np.float32(1))
         return x
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -612,33 +613,25 @@ def _train(
             metrics = {
                 k: row[k] for k in ("epoch", "train_loss", "val_f05", "val_precision", "val_recall")
             }
+            threshold = score.threshold if score is not None else 0.5
+
+            payload = partial(
+                checkpoint_payload,
+                model,
+                cfg.model,
+                cfg.layers,
+                plan.tile_px,
+                threshold,
+                metrics,
+                config,
+                epoch=epoch,
+            )
             if f05 > best_f:
-                best_f, best_epoch = f05, epoch + 1
-                best_t = score.threshold if score is not None else 0.5
-                save_checkpoint(
-                    best_path,
-                    checkpoint_payload(
-                        model,
-                        cfg.model,
-                        cfg.layers,
-                        plan.tile_px,
-                        best_t,
-                        metrics,
-                        config,
-                        epoch=epoch,
-                    ),
-                )
+                best_f, best_epoch, best_t = f05, epoch + 1, threshold
+                save_checkpoint(best_path, payload())
             save_checkpoint(
                 last_path,
-                checkpoint_payload(
-                    model,
-                    cfg.model,
-                    cfg.layers,
-                    plan.tile_px,
-                    best_t,
-                    metrics,
-                    config,
-                    epoch=epoch,
+                payload(
                     optimizer=opt.state_dict(),
                     scheduler=sched.state_dict(),
                     scaler=scaler.state_dict(),
