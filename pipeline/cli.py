@@ -74,7 +74,8 @@ class InkpipeGroup(click.Group):
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
             raise Interrupted(
-                "interrupted; finished work is kept — run the same command again to resume"
+                "interrupted; finished work is kept — run the same command again to resume "
+                "(for train, add --resume)"
             ) from None
 
 

@@ -203,7 +203,7 @@ def _ingest_one(
         extra={"source_dir": str(src.path.resolve()), "dtype": frag.dtype},
     )
     group = begin_fragment(root, meta, settings)
-    volume_path = Path(cfg.out) / src.id / "volume"
+    volume_path = Path(cfg.out).resolve() / src.id / "volume"  # absolute: remote dask workers
     stats = _write_volume(volume_path, frag, mask, settings, cfg, client)
     write_plane(group, "mask", mask, settings.chunk_px)
     if labels is not None:

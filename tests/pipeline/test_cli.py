@@ -56,3 +56,16 @@ def test_every_command_loads_and_has_help():
         result = CliRunner().invoke(cli, [name, "--help"])
         assert result.exit_code == 0, (name, result.output)
         assert "Usage: " in result.output and "--help" in result.output
+
+
+def test_ctrl_c_is_a_short_message_and_exit_130(fragments_dir, tmp_path, monkeypatch):
+    from inkpipe.pipeline import ingest as ingest_mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest_mod, "ingest", interrupted)
+    result = CliRunner().invoke(cli, ["ingest", str(fragments_dir), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 130
+    assert "interrupted; finished work is kept" in result.output
+    assert "Traceback" not in result.output
