@@ -18,6 +18,7 @@ from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.store import StoreSettings
 from inkpipe.pipeline.synth import SynthConfig, synthesize
+from inkpipe.train.checkpoint import DEVICES
 from inkpipe.train.config import TrainConfig, parse_validation
 from inkpipe.train.loop import train
 from inkpipe.train.models import ModelSpec
@@ -163,9 +164,7 @@ def demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
 @click.option("--minutes", default=4.0, show_default=True, help="Training time budget.")
 @click.option("--size", default="512x384", show_default=True, help="Fragment size HxW.")
 @click.option("--seed", default=0, show_default=True)
-@click.option(
-    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
-)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_command(
     workdir: Path, minutes: float, size: str, seed: int, device: str, quiet: bool

@@ -54,6 +54,7 @@ from inkpipe.pipeline.store import Fragment, open_fragment, open_store
 from inkpipe.pipeline.volume import Normalizer, VolumeView
 from inkpipe.pipeline.windows import tile_starts
 from inkpipe.train.checkpoint import (
+    DEVICES,
     Checkpoint,
     load_checkpoint,
     make_predictor,
@@ -76,7 +77,6 @@ __all__ = [
     "stride_for",
 ]
 
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 MAX_OVERLAP = 0.95
 OVERLAY_MAX_PX = 4096
 INGEST_STORE = ".ingest.zarr"

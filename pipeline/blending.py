@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from .errors import ConfigError, InvalidInputError, check_choice
-from .windows import grid_windows
+from .windows import check_int, grid_windows
 
 Predictor = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 """(B, C, t, t) float32 -> (B, t, t) float32 (a (B, 1, t, t) output is also accepted)."""
@@ -31,12 +31,6 @@ PadMode = Literal["constant", "reflect"]
 PAD_MODES: tuple[str, ...] = ("constant", "reflect")
 
 _RESULT_ROWS = 1024  # rows per block when dividing sum by weight, to bound temporaries
-
-
-def _check_int(name: str, value: int, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
-    return int(value)
 
 
 def gaussian_importance(
@@ -55,7 +49,7 @@ def gaussian_importance(
     Returns:
         (tile_px, tile_px) float32 array in [min_weight, 1], maximum 1 at the centre.
     """
-    tile_px = _check_int("tile_px", tile_px, 1, "use the model's tile size, e.g. 256")
+    tile_px = check_int("tile_px", tile_px, 1, "use the model's tile size, e.g. 256")
     if not sigma_frac > 0:
         raise ConfigError(f"sigma_frac must be > 0, got {sigma_frac!r}; the default is 1/8")
     if not 0 < min_weight <= 1:
@@ -101,10 +95,10 @@ class BlendAccumulator:
         """
         if len(shape) != 2:
             raise ConfigError(f"shape must be (H, W), got {shape!r}")
-        height = _check_int("height", shape[0], 1, "the canvas must not be empty")
-        width = _check_int("width", shape[1], 1, "the canvas must not be empty")
+        height = check_int("height", shape[0], 1, "the canvas must not be empty")
+        width = check_int("width", shape[1], 1, "the canvas must not be empty")
         self.shape = (height, width)
-        self.tile_px = _check_int("tile_px", tile_px, 1, "use the model's tile size, e.g. 256")
+        self.tile_px = check_int("tile_px", tile_px, 1, "use the model's tile size, e.g. 256")
         self.dtype = np.dtype(dtype)
         if not np.issubdtype(self.dtype, np.floating):
             raise ConfigError(f"dtype must be floating, got {self.dtype}; use np.float32")
@@ -261,7 +255,7 @@ def sliding_window_predict(
             f"image has shape {shape}, expected (C, H, W); add a channel axis with image[None]"
         )
     channels, height, width = (int(s) for s in shape)
-    batch_size = _check_int("batch_size", batch_size, 1, "e.g. 8")
+    batch_size = check_int("batch_size", batch_size, 1, "e.g. 8")
     check_choice("pad mode", pad_mode, PAD_MODES)
     origins = grid_windows(height, width, tile_px, stride_px)
     t = tile_px

@@ -26,6 +26,7 @@ from .fragments import CheckedFragment, FragmentSource, check_fragment, discover
 from .images import read_binary, read_gray
 from .manifest import load_manifest
 from .store import (
+    STAT_COLUMNS,
     FragmentMeta,
     StoreSettings,
     begin_fragment,
@@ -214,7 +215,7 @@ def _ingest_one(
         mask, labels, settings.tile_px, settings.stride_px, settings.min_coverage
     )
     write_windows(group, windows, settings)
-    write_table(group, "layer_stats", stats, {"columns": ["mean", "std", "p01", "p99"]})
+    write_table(group, "layer_stats", stats, {"columns": list(STAT_COLUMNS)})
     seconds = time.perf_counter() - t0
     meta = replace(meta, extra={**meta.extra, "ingest_seconds": round(seconds, 3)})
     finish_fragment(root, group, meta)

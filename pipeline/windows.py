@@ -17,7 +17,8 @@ from .errors import ConfigError
 WINDOW_COLUMNS = ("y0", "x0", "mask_px", "ink_px")
 
 
-def _check_int(name: str, value: int, minimum: int, hint: str) -> int:
+def check_int(name: str, value: int, minimum: int, hint: str) -> int:
+    """Return ``value`` as int if it is an integer >= ``minimum``, else raise ConfigError."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
     return int(value)
@@ -25,8 +26,8 @@ def _check_int(name: str, value: int, minimum: int, hint: str) -> int:
 
 def check_tile(tile_px: int, stride_px: int) -> None:
     """Raise :class:`ConfigError` unless ``tile_px >= 1`` and ``1 <= stride_px <= tile_px``."""
-    _check_int("tile_px", tile_px, 1, "use the model's tile size, e.g. 224")
-    _check_int("stride_px", stride_px, 1, "e.g. tile_px // 2")
+    check_int("tile_px", tile_px, 1, "use the model's tile size, e.g. 224")
+    check_int("stride_px", stride_px, 1, "e.g. tile_px // 2")
     if stride_px > tile_px:
         raise ConfigError(
             f"stride_px {stride_px} is larger than tile_px {tile_px}, which would leave pixels "
@@ -51,7 +52,7 @@ def tile_starts(length: int, tile_px: int, stride_px: int) -> NDArray[np.int64]:
     Returns:
         (n,) int64 array of strictly increasing starts.
     """
-    length = _check_int("length", length, 1, "the image must not be empty")
+    length = check_int("length", length, 1, "the image must not be empty")
     check_tile(tile_px, stride_px)
     if length <= tile_px:
         return np.zeros(1, dtype=np.int64)

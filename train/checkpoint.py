@@ -9,7 +9,6 @@ optimiser, scheduler and scaler states for ``--resume``.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,11 +21,13 @@ from torch import nn
 
 from inkpipe.pipeline import __version__
 from inkpipe.pipeline.errors import InputNotFoundError, InvalidInputError
+from inkpipe.pipeline.images import atomic_path
 from inkpipe.pipeline.layers import LayerRange, parse_layers
 
 from .models import ModelSpec, build_model
 
 FORMAT = "inkpipe-checkpoint/1"
+DEVICES = ("auto", "cpu", "cuda")
 NORMALIZATION = "per-layer: clip to the fragment's p01..p99, then (x - mean) / std"
 
 
@@ -60,14 +61,12 @@ class Checkpoint:
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` (plus format and version) to ``path`` atomically; return ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = atomic_path(path)
     try:
         torch.save({"format": FORMAT, "version": __version__, **payload}, tmp)
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return path
 
 

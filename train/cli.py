@@ -9,7 +9,8 @@ import click
 from inkpipe.pipeline.layers import parse_layers
 
 from .augment import AUG_LEVELS
-from .config import DEVICES, TrainConfig, parse_validation
+from .checkpoint import DEVICES
+from .config import TrainConfig, parse_validation
 from .losses import LOSS_NAMES, LossSpec
 from .models import MODEL_NAMES, ModelSpec
 

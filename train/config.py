@@ -14,10 +14,9 @@ from inkpipe.pipeline.errors import ConfigError, check_choice
 from inkpipe.pipeline.layers import LayerRange, parse_layers
 
 from .augment import AUG_LEVELS
+from .checkpoint import DEVICES
 from .losses import LossSpec
 from .models import ModelSpec
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from inkpipe.pipeline.blending import sliding_window_predict
 from inkpipe.pipeline.errors import ConfigError, TrainingError
+from inkpipe.pipeline.images import atomic_path
 from inkpipe.pipeline.metrics import search_threshold
 from inkpipe.pipeline.store import Fragment, open_fragments
 from inkpipe.pipeline.volume import VolumeView
@@ -359,12 +360,15 @@ def mine_hard_negatives(
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write the per-epoch metrics CSV (atomically)."""
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    tmp = atomic_path(path)
+    try:
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plot_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -388,10 +392,13 @@ def plot_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    tmp = atomic_path(path)
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def _num(v: Any) -> float:
