@@ -27,21 +27,29 @@ from inkpipe.pipeline.store import open_fragments
 from inkpipe.pipeline.volume import BlockCache
 from inkpipe.train.data import WindowSampler, WindowSet
 
-ALTERNATIVES = [  # (label, chunk_layers, chunk_px, codec)
-    ("4x512x512 lz4 (default)", 4, 512, "lz4"),
-    ("4x256x256 lz4", 4, 256, "lz4"),
-    ("8x256x256 zstd", 8, 256, "zstd"),
+ALTERNATIVES = [  # (label, chunk_layers, chunk_px, codec, shuffle)
+    ("4x512x512 lz4 + byte shuffle (default)", 4, 512, "lz4", "shuffle"),
+    ("4x512x512 lz4 + bit-shuffle", 4, 512, "lz4", "bitshuffle"),
+    ("8x256x256 zstd + bit-shuffle", 8, 256, "zstd", "bitshuffle"),
 ]
 
 
-def ingest_code(root: Path, out: Path, chunk_layers: int, chunk_px: int, codec: str) -> str:
+def store_name(chunk_layers: int, chunk_px: int, codec: str, shuffle: str) -> str:
+    """The folder name a store of these settings gets in the work folder."""
+    return f"store_{chunk_layers}_{chunk_px}_{codec}_{shuffle}.zarr"
+
+
+def ingest_code(
+    root: Path, out: Path, chunk_layers: int, chunk_px: int, codec: str, shuffle: str
+) -> str:
     return (
         f"""
 import os
 from pathlib import Path
 from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.store import StoreSettings
-s = StoreSettings(chunk_layers={chunk_layers}, chunk_px={chunk_px}, codec={codec!r})
+s = StoreSettings(chunk_layers={chunk_layers}, chunk_px={chunk_px}, codec={codec!r},
+                  shuffle={shuffle!r})
 ingest(IngestConfig(root=Path({str(root)!r}), out=Path({str(out)!r}), settings=s, workers=2,
                     progress=False), log=lambda m: None)
 os.sync()
@@ -111,13 +119,13 @@ def main() -> None:
         np.int32
     )
     crops = WindowSampler([WindowSet(0, (h, w), win)], 224, args.crops, 16, seed=0).draw(0)
-    for i, (label, cl, cp_, codec) in enumerate(ALTERNATIVES):
+    for i, (label, cl, cp_, codec, shuffle) in enumerate(ALTERNATIVES):
         if i and args.skip_alternatives:
             break
-        out = args.workdir / f"store_{cl}_{cp_}_{codec}.zarr"
+        out = args.workdir / store_name(cl, cp_, codec, shuffle)
         shutil.rmtree(out, ignore_errors=True)
         evict(tiffs)
-        secs, rss, _ = run_measured(ingest_code(frag.parent.parent, out, cl, cp_, codec))
+        secs, rss, _ = run_measured(ingest_code(frag.parent.parent, out, cl, cp_, codec, shuffle))
         vol_bytes = tree_bytes(out / "1" / "volume")
         cached, naive = crop_rates(out, crops, layers)
         rows.append(

@@ -162,6 +162,12 @@ def synth_command(
     help="Blosc compressor [lz4].",
 )
 @click.option("--clevel", type=int, default=None, help="Compression level 0-9 [5].")
+@click.option(
+    "--shuffle",
+    type=click.Choice(["shuffle", "bitshuffle", "noshuffle"]),
+    default=None,
+    help="Blosc pre-filter [shuffle]: bitshuffle stores ~7 % less but decodes 4x slower.",
+)
 @click.option("--tile", "tile_px", type=int, default=None, help="Window size in px [224].")
 @click.option("--stride", "stride_px", type=int, default=None, help="Window stride in px [112].")
 @click.option(
