@@ -3,10 +3,11 @@
     python benchmarks/bench_train.py [--workdir /tmp/inkbench] [--minutes 6] [--quick]
 
 1. Loader throughput (crops/s) for k = 10, 30, 65 on a real-size synthetic fragment
-   (8181 x 6330 x 65; made by bench_ingest.py or here), on the same region-ordered crops the
-   training sampler draws: from the store through the bounded chunk cache (raw reads, and
-   normalised tensors as the DataLoader yields them), from an in-memory NumPy array (the
-   limit), and from memmapped raw TIFFs (warm page cache).
+   (8181 x 6330 x 65; made by bench_ingest.py or here), on the crops the training sampler
+   draws, in its order: from the store as training reads it (bounded chunk cache with
+   read-ahead; also one thread without it, and normalised tensors as the DataLoader yields
+   them), from an in-memory NumPy array (the limit), and from memmapped raw TIFFs (files in
+   the page cache).
 2. Peak RSS of a short training run at k = 10 and k = 30, on the real-size store and on a
    small one: it must not grow with the fragment.
 3. Quality: F0.5 on a held-out synthetic test fragment after a fixed CPU budget, both models.
@@ -30,32 +31,51 @@ LAYER_SETS = {10: LayerRange(28, 38), 30: LayerRange(18, 48), 65: LayerRange(0, 
 
 
 def loader_rates(store: Path, frag_dir: Path, n: int) -> list[tuple]:
+    """Crops/s for each k: the store through the training read path, RAM, memmapped TIFFs.
+
+    Two epochs of ``n`` crops each (the sampler's draws for epochs 0 and 1), read the way
+    training reads them: batches of 16 through ``CropDataset.read_raw_batch`` (the block
+    cache with its read-ahead thread, told the next batch by the sampler). "1st epoch" starts
+    from an empty cache; "next epoch" is epoch 1 on the cache epoch 0 left. The memmapped
+    TIFFs read the same crops in the same order, epoch 0 then epoch 1, with the files in the
+    page cache. Also: the store read crop by crop in one thread (no read-ahead), and
+    normalised float32 samples as the DataLoader receives them.
+    """
     from inkpipe.train.data import CropDataset, WindowSampler, WindowSet
 
     frag = open_fragments(store)[0]
     sets = [WindowSet(0, frag.meta.shape[1:], frag.windows())]
-    crops = WindowSampler(sets, 224, n, 16, seed=0, jitter_px=32).draw(0)
+    sampler = WindowSampler(sets, 224, n, 16, seed=0, jitter_px=32)
+    epochs = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+    batches = [[keys[i : i + 16] for i in range(0, n, 16)] for keys in epochs]
     rows = []
     for k, layers in LAYER_SETS.items():
         ds = CropDataset([frag], layers, 224, augment=None, cache_mb=1024)
-        t0 = time.perf_counter()
-        for key in crops:
-            ds.read_raw(*key)
-        raw = n / (time.perf_counter() - t0)
+        store_rates = []
+        for epoch in (0, 1):
+            t0 = time.perf_counter()
+            for batch in batches[epoch]:
+                for _ in ds.read_raw_batch(batch):
+                    pass
+            store_rates.append(n / (time.perf_counter() - t0))
         cache_mb = ds.cache.nbytes / 2**20
         t0 = time.perf_counter()
-        for key in WindowSampler(sets, 224, n, 16, seed=0, jitter_px=32).draw(1):
+        for key in epochs[0]:  # warm cache from epoch 1, one thread
             ds.read_raw(*key)
-        raw_next = n / (time.perf_counter() - t0)
+        single = n / (time.perf_counter() - t0)
+        del ds
         ds2 = CropDataset([frag], layers, 224, augment=None, cache_mb=1024)
         t0 = time.perf_counter()
-        for key in crops:
-            ds2.item(tuple(key), augment=False)
+        for batch in batches[0]:
+            ds2.__getitems__(batch)
         items = n / (time.perf_counter() - t0)
-        del ds, ds2
+        del ds2
         arr = np.asarray(frag.volume[layers.as_slice()])
         t0 = time.perf_counter()
-        for _, y, x in crops:
+        for _, y, x in epochs[0]:
             arr[:, y : y + 224, x : x + 224].copy()
         ram = n / (time.perf_counter() - t0)
         del arr
@@ -63,18 +83,18 @@ def loader_rates(store: Path, frag_dir: Path, n: int) -> list[tuple]:
             tifffile.memmap(frag_dir / "surface_volume" / f"{z:02d}.tif")
             for z in range(layers.start, layers.stop)
         ]
-        for _, y, x in crops[: n // 4]:  # warm the page cache on these crops
-            np.stack([m[y : y + 224, x : x + 224] for m in maps])
-        t0 = time.perf_counter()
-        for _, y, x in crops:
-            np.stack([m[y : y + 224, x : x + 224] for m in maps])
-        mm = n / (time.perf_counter() - t0)
+        mm_rates = []
+        for epoch in (0, 1):
+            t0 = time.perf_counter()
+            for _, y, x in epochs[epoch]:
+                np.stack([m[y : y + 224, x : x + 224] for m in maps])
+            mm_rates.append(n / (time.perf_counter() - t0))
         del maps
-        rows.append((k, raw, raw_next, items, ram, mm, cache_mb))
+        rows.append((k, *store_rates, single, items, ram, *mm_rates, cache_mb))
         print(
-            f"k={k}: store raw {raw:.0f} (next epoch {raw_next:.0f}), normalised {items:.0f}, "
-            f"RAM {ram:.0f}, "
-            f"memmap TIFF {mm:.0f} crops/s; cache held {cache_mb:.0f} MB",
+            f"k={k}: store {store_rates[0]:.0f} (next epoch {store_rates[1]:.0f}, one thread "
+            f"{single:.0f}), normalised {items:.0f}, RAM {ram:.0f}, memmap TIFF "
+            f"{mm_rates[0]:.0f} (next {mm_rates[1]:.0f}) crops/s; cache held {cache_mb:.0f} MB",
             flush=True,
         )
     return rows
@@ -199,7 +219,11 @@ def main() -> None:
     h, w = (1024, 1024) if args.quick else (8181, 6330)
     big_root = args.workdir / f"frag_{h}x{w}"
     frag_dir = ensure_fragment(big_root, h, w)
-    big = args.workdir / "store_4_512_lz4.zarr" if not args.quick else args.workdir / "quick.zarr"
+    big = (
+        args.workdir / "store_4_512_lz4_shuffle.zarr"
+        if not args.quick
+        else args.workdir / "quick.zarr"
+    )
     if not big.exists():
         ingest(IngestConfig(root=big_root, out=big, progress=False), log=print)
     small_root = args.workdir / "frag_1024x1024"
@@ -209,17 +233,21 @@ def main() -> None:
         ingest(IngestConfig(root=small_root, out=small, progress=False), log=print)
 
     if "loader" not in skip:
-        rows = loader_rates(big, frag_dir, args.crops if not args.quick else 300)
+        rows = loader_rates(big, frag_dir, args.crops if not args.quick else 304)
         print(
-            f"\n### Loader throughput, {h}x{w} fragment, {args.crops} region-ordered crops, one process\n"
+            f"\n### Loader throughput, {h}x{w} fragment, 2 epochs of {args.crops} crops "
+            "(crops/s, 1 GB cache)\n"
         )
         print(
-            "| k | store, 1st epoch | store, next epoch | store, normalised float32 | in-memory NumPy | memmapped TIFFs (warm) | cache used MB |"
+            "| k | store, 1st epoch | store, next epoch | memmapped TIFFs, 1st | memmapped "
+            "TIFFs, next | store, one thread, no read-ahead | store, normalised float32 | "
+            "in-memory NumPy | cache used MB |"
         )
-        print("|---|---|---|---|---|---|---|")
-        for k, raw, raw_next, items, ram, mm, cache in rows:
+        print("|---|---|---|---|---|---|---|---|---|")
+        for k, s0, s1, single, items, ram, m0, m1, cache in rows:
             print(
-                f"| {k} | {raw:.0f} | {raw_next:.0f} | {items:.0f} | {ram:.0f} | {mm:.0f} | {cache:.0f} |"
+                f"| {k} | {s0:.0f} | {s1:.0f} | {m0:.0f} | {m1:.0f} | {single:.0f} | "
+                f"{items:.0f} | {ram:.0f} | {cache:.0f} |"
             )
     if "rss" not in skip:
         print(

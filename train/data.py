@@ -2,10 +2,12 @@
 
 A crop is ``(fragment index, y0, x0)``: the (k, tile, tile) block of the chosen layer range at
 that origin. :class:`WindowSampler` draws crops from the window index stored at ingest (a
-positive:negative mix, jittered, seeded) and orders them region by region, one region stream
-per DataLoader worker, so consecutive crops of a worker share Zarr chunks. :class:`CropDataset`
-cuts crops out of a bounded LRU cache of decoded blocks (:class:`BlockCache`): each chunk is
-decoded once and serves every crop that touches it while it stays cached.
+positive:negative mix, jittered, seeded) and orders them in a serpentine sweep over each
+fragment, one stream per DataLoader worker, so consecutive crops of a worker share Zarr
+chunks. :class:`CropDataset` cuts crops out of a bounded LRU cache of decoded blocks
+(:class:`BlockCache`): each chunk is decoded once and serves every crop that touches it while
+it stays cached, and a batch's blocks are decoded by a read-ahead thread while its crops are
+cut, normalised and augmented.
 """
 
 from __future__ import annotations
@@ -48,41 +50,73 @@ def split_positive(windows: NDArray[np.int32], min_ink_px: int = 1) -> NDArray[n
     return windows[:, 3] >= min_ink_px
 
 
+def sweep(crops: CropTable, region_px: int, rng: np.random.Generator) -> CropTable:
+    """Order one fragment's crops in a serpentine sweep over (region_px x region_px) regions.
+
+    Rows of regions run along the fragment's shorter side, alternating direction, from a
+    random corner; crops inside a region come in random order. Consecutive crops then share
+    chunks, and a block cache holding about three rows of chunks decodes each chunk once per
+    sweep (random regions of 1024 px decoded ~1.5x as many on the benchmark fragment).
+
+    Args:
+        crops: (n, 3) int64 (fragment, y0, x0) of one fragment.
+        region_px: region size in px (the chunk size works best).
+        rng: the sampler's generator.
+
+    Returns:
+        (n, 3) int64, a permutation of ``crops``.
+    """
+    if len(crops) == 0:
+        return crops
+    ry, rx = crops[:, 1] // region_px, crops[:, 2] // region_px
+    if rng.random() < 0.5:  # random start corner
+        ry = ry.max() - ry
+    if rng.random() < 0.5:
+        rx = rx.max() - rx
+    outer, inner = (ry, rx) if np.ptp(rx) <= np.ptp(ry) else (rx, ry)
+    row = np.unique(outer, return_inverse=True)[1]
+    inner = np.where(row % 2 == 1, inner.max() - inner, inner)
+    return crops[np.lexsort((rng.random(len(crops)), inner, row))]
+
+
+def merge_by_progress(parts: Sequence[CropTable], rng: np.random.Generator) -> CropTable:
+    """Interleave several sequences so that each advances at the same relative pace.
+
+    Used to mix fragments: every part keeps its order, and a batch holds crops of all parts in
+    proportion to their sizes. Returns the (sum n_i, 3) concatenation, interleaved.
+    """
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return np.zeros((0, 3), dtype=np.int64)
+    progress = np.concatenate([(np.arange(len(p)) + rng.random()) / len(p) for p in parts])
+    return np.concatenate(parts)[np.argsort(progress, kind="stable")]
+
+
 def order_by_region(
     crops: CropTable, region_px: int, streams: int, rng: np.random.Generator
 ) -> list[CropTable]:
-    """Group crops into (region_px x region_px) regions and deal regions to streams.
+    """Split crops into read streams, each sweeping its own part of every fragment.
 
-    Regions come in random order and crops within a region in random order, so a stream reads
-    one neighbourhood at a time. Regions are dealt round-robin, balancing crop counts.
+    Each fragment's crops are ordered by :func:`sweep` and cut into ``streams`` contiguous
+    segments of equal size; stream ``s`` takes segment ``s`` of every fragment, interleaved by
+    :func:`merge_by_progress`. One stream per DataLoader worker (and DDP rank) keeps each
+    worker's cache on its own neighbourhood.
 
     Args:
         crops: (n, 3) int64 (fragment, y0, x0).
-        region_px: region size in px (a multiple of the chunk size works best).
+        region_px: region size in px.
         streams: number of streams (DataLoader workers x DDP ranks), >= 1.
         rng: the sampler's generator.
 
     Returns:
         ``streams`` arrays of shape (n_i, 3), together a permutation of ``crops``.
     """
-    if len(crops) == 0:
-        return [crops[:0] for _ in range(streams)]
-    keys = (
-        crops[:, 0] * (1 << 40) + (crops[:, 1] // region_px) * (1 << 20) + crops[:, 2] // region_px
-    )
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    region_rank = rng.permutation(len(uniq))[inverse]
-    order = np.lexsort((rng.random(len(crops)), region_rank))
-    crops, region_rank = crops[order], region_rank[order]
-    bounds = np.flatnonzero(np.diff(region_rank)) + 1
-    groups = np.split(crops, bounds)
-    out: list[list[CropTable]] = [[] for _ in range(streams)]
-    sizes = np.zeros(streams, dtype=np.int64)
-    for g in groups:
-        s = int(np.argmin(sizes))
-        out[s].append(g)
-        sizes[s] += len(g)
-    return [np.concatenate(o) if o else crops[:0] for o in out]
+    segments: list[list[CropTable]] = [[] for _ in range(streams)]
+    for f in np.unique(crops[:, 0]):
+        ordered = sweep(crops[crops[:, 0] == f], region_px, rng)
+        for s, seg in enumerate(np.array_split(ordered, streams)):
+            segments[s].append(seg)
+    return [merge_by_progress(seg, rng) for seg in segments]
 
 
 def interleave_batches(streams: Sequence[CropTable], batch_size: int) -> CropTable:
@@ -107,6 +141,16 @@ def interleave_batches(streams: Sequence[CropTable], batch_size: int) -> CropTab
         parts.append(chunk)
         b += 1
     return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
+
+
+class CropKey(tuple[int, int, int]):
+    """A crop ``(fragment, y0, x0)`` as the sampler yields it; equal to the plain tuple.
+
+    The last key of each batch carries ``read_ahead``: the crops of the batch the same
+    DataLoader worker reads next, so the dataset can decode their blocks in the background.
+    """
+
+    read_ahead: tuple[tuple[int, int, int], ...] = ()
 
 
 class WindowSampler(Sampler[tuple[int, int, int]]):
@@ -139,7 +183,7 @@ class WindowSampler(Sampler[tuple[int, int, int]]):
         num_workers: int = 0,
         pos_fraction: float = 0.5,
         jitter_px: int = 32,
-        region_px: int = 1024,
+        region_px: int = 512,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -204,9 +248,13 @@ class WindowSampler(Sampler[tuple[int, int, int]]):
         crops = self.draw(self.epoch)
         batches = [crops[i : i + self.batch_size] for i in range(0, len(crops), self.batch_size)]
         mine = batches[self.rank :: self.world_size]
-        for batch in mine:
-            for row in batch:
-                yield int(row[0]), int(row[1]), int(row[2])
+        for b, batch in enumerate(mine):
+            for j, row in enumerate(batch.tolist()):
+                key = CropKey(row)
+                if j == len(batch) - 1 and b + self.num_workers < len(mine):
+                    # a DataLoader deals batches to workers in turn
+                    key.read_ahead = tuple(map(tuple, mine[b + self.num_workers].tolist()))
+                yield key
 
     def __len__(self) -> int:
         """Crops this rank yields per epoch."""
@@ -288,12 +336,40 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
         """Read, normalise and augment the crop at ``key = (fragment, y0, x0)``."""
         return self.item(key, augment=True)
 
+    def __getitems__(self, keys: Sequence[tuple[int, int, int]]) -> list[dict[str, torch.Tensor]]:
+        """Read a batch (the DataLoader passes a batch's keys here when this method exists).
+
+        The batch's blocks are decoded by the cache's read-ahead thread while earlier crops
+        are cut, normalised and augmented (see :meth:`BlockCache.read_many`).
+        """
+        checked = [self._check_key(key) for key in keys]
+        return [
+            self._sample(key, raw, True) for key, raw in zip(checked, self.read_raw_batch(keys))
+        ]
+
+    def read_raw_batch(self, keys: Sequence[tuple[int, ...]]) -> Iterator[NDArray[np.uint16]]:
+        """Yield the (k, t, t) uint16 crops at ``keys``, reading ahead (see ``__getitems__``)."""
+        checked = [self._check_key(key) for key in keys]
+        ahead = [a for key in keys for a in getattr(key, "read_ahead", ())]
+        return self.cache.read_many(checked, self.tile_px, then=ahead)
+
     def item(self, key: tuple[int, ...], augment: bool = True) -> dict[str, torch.Tensor]:
         """Return the crop at ``key = (fragment, y0, x0)``, augmented or not (see class doc)."""
+        f, y0, x0 = self._check_key(key)
+        return self._sample((f, y0, x0), self.read_raw(f, y0, x0), augment)
+
+    def _check_key(self, key: tuple[int, ...]) -> tuple[int, int, int]:
         f, y0, x0 = (int(v) for v in key)
         if not 0 <= f < len(self.fragments):
             raise InvalidInputError(f"crop fragment index {f} out of range")
-        image = self.normalizers[f](self.read_raw(f, y0, x0))
+        return f, y0, x0
+
+    def _sample(
+        self, key: tuple[int, int, int], raw: NDArray[np.uint16], augment: bool
+    ) -> dict[str, torch.Tensor]:
+        """Build the sample dict from the (k, t, t) uint16 crop ``raw`` at ``key``."""
+        f, y0, x0 = key
+        image = self.normalizers[f](raw)
         valid = self.plane_crop(self.masks[f], y0, x0)
         label = self.plane_crop(self.labels[f], y0, x0) & valid
         if augment and self.augment is not None:

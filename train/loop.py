@@ -464,6 +464,7 @@ def _train(
         workers,
         cfg.pos_fraction,
         cfg.jitter_px,
+        region_px=int(plan.fragments[0].volume.chunks[1]),  # sweep chunk by chunk
         seed=cfg.seed,
         rank=d.rank,
         world_size=d.world_size,

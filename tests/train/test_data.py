@@ -1,4 +1,5 @@
 import pickle
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from inkpipe.train.data import (
     WindowSet,
     interleave_batches,
     order_by_region,
+    sweep,
 )
 
 
@@ -49,22 +51,64 @@ def test_sampler_is_seeded_mixed_and_inside():
     assert 0.2 < positive < 0.3
 
 
-def test_region_order_keeps_crops_local_and_is_a_permutation():
+def _region_runs(seq, region):
+    """Region keys of a (n, 3) crop sequence, one entry per contiguous run."""
+    keys = (seq[:, 1] // region) * 1000 + seq[:, 2] // region
+    return keys[np.r_[True, keys[1:] != keys[:-1]]]
+
+
+def test_region_order_sweeps_each_fragment_and_is_a_permutation():
     rng = np.random.default_rng(0)
     crops = np.column_stack(
-        [rng.integers(0, 2, 500), rng.integers(0, 4000, 500), rng.integers(0, 4000, 500)]
+        [rng.integers(0, 2, 3000), rng.integers(0, 4000, 3000), rng.integers(0, 3000, 3000)]
     ).astype(np.int64)
-    streams = order_by_region(crops, 1024, 2, rng)
+    streams = order_by_region(crops, 512, 2, rng)
     joined = np.concatenate(streams)
     assert sorted(map(tuple, joined)) == sorted(map(tuple, crops))
-    for s in streams:  # each region appears as one contiguous run
-        keys = s[:, 0] * 100 + (s[:, 1] // 1024) * 10 + s[:, 2] // 1024
-        runs = keys[np.r_[True, keys[1:] != keys[:-1]]]
-        assert len(runs) == len(set(runs))
+    for s in streams:
+        frags = s[:, 0]
+        assert 0.3 < frags[: len(s) // 4].mean() < 0.7  # fragments are mixed all along
+        for f in (0, 1):
+            runs = _region_runs(s[frags == f], 512)
+            assert len(runs) == len(set(runs))  # each region is visited once, in one run
+            ry, rx = runs // 1000, runs % 1000
+            step = np.maximum(abs(np.diff(ry)), abs(np.diff(rx)))
+            assert step.max() == 1  # the next region is always a neighbour: a sweep
+    # the two streams sweep different halves of each fragment
+    for f in (0, 1):
+        a, b = (set(map(tuple, s[s[:, 0] == f, 1:] // 512)) for s in streams)
+        assert len(a & b) <= 2
     laid = interleave_batches(streams, 8)
-    assert len(laid) == 500
+    assert len(laid) == 3000
     first = laid[:8]
     assert all(tuple(r) in set(map(tuple, streams[0])) for r in first)
+
+
+def _lru_misses(crops, capacity, block=512, tile=224):
+    lru, misses = OrderedDict(), 0
+    for f, y, x in crops:
+        for by in range(y // block, (y + tile - 1) // block + 1):
+            for bx in range(x // block, (x + tile - 1) // block + 1):
+                if (f, by, bx) in lru:
+                    lru.move_to_end((f, by, bx))
+                    continue
+                misses += 1
+                lru[(f, by, bx)] = True
+                if len(lru) > capacity:
+                    lru.popitem(last=False)
+    return misses
+
+
+def test_sweep_decodes_each_block_once_with_three_rows_cached():
+    rng = np.random.default_rng(1)
+    crops = np.column_stack(
+        [np.zeros(2000), rng.integers(0, 6000, 2000), rng.integers(0, 4000, 2000)]
+    ).astype(np.int64)
+    distinct = _lru_misses(crops, capacity=10**6)
+    row = 4000 // 512 + 2  # blocks across the shorter side, crops reach into the next one
+    assert _lru_misses(sweep(crops, 512, rng), capacity=3 * row) == distinct
+    # random order (what a plain shuffle does) decodes blocks many times over
+    assert _lru_misses(crops[rng.permutation(2000)], capacity=3 * row) > 3 * distinct
 
 
 def test_ddp_ranks_split_the_epoch():
@@ -100,6 +144,52 @@ def test_block_cache_crops_equal_direct_reads_and_stay_bounded(tiny_store):
     assert cache.hits > 0
 
 
+def test_read_many_reads_ahead_equal_to_read_and_releases_blocks(tiny_store):
+    frags = open_fragments(tiny_store, ["1", "2"])
+    layers = LayerRange(1, 10)
+    rng = np.random.default_rng(2)
+    shapes = [fr.meta.shape[1:] for fr in frags]
+    crops = [
+        (int(f), int(rng.integers(0, shapes[f][0])), int(rng.integers(0, shapes[f][1])))
+        for f in rng.integers(0, 2, 80)
+    ]
+    plain = BlockCache([fr.volume for fr in frags], layers, budget_mb=0.3)
+    ahead = BlockCache([fr.volume for fr in frags], layers, budget_mb=0.3)
+    got = list(ahead.read_many(crops, 40))
+    assert len(got) == len(crops)
+    for crop, key in zip(got, crops):
+        np.testing.assert_array_equal(crop, plain.read(*key, 40))
+    big_plain = BlockCache([fr.volume for fr in frags], layers, budget_mb=64)
+    big_ahead = BlockCache([fr.volume for fr in frags], layers, budget_mb=64)
+    for key in crops:
+        big_plain.read(*key, 40)
+    assert len(list(big_ahead.read_many(crops, 40))) == len(crops)
+    assert big_ahead.misses == big_plain.misses == len(big_plain.blocks)  # each block once
+    assert not ahead._pins and not ahead._loading  # nothing left pinned or in flight
+    assert ahead.nbytes <= 0.3 * 2**20
+    # a reader stopped early releases its pins too
+    it = ahead.read_many(crops, 40)
+    next(it)
+    it.close()
+    assert not ahead._pins
+
+
+def test_read_ahead_errors_reach_the_reader(tiny_store, tmp_path):
+    import shutil
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store)
+    frag = open_fragments(store, ["1"])[0]
+    chunk = store / "1" / "volume" / "c" / "0" / "1" / "0"
+    chunk.write_bytes(b"not a blosc chunk")
+    cache = BlockCache([frag.volume], LayerRange(0, 4), budget_mb=1)
+    with pytest.raises(Exception) as err:
+        list(cache.read_many([(0, 0, 0), (0, 70, 0)], 32))
+    with pytest.raises(type(err.value)):
+        cache.read(0, 70, 0, 32)
+    assert not cache._loading
+
+
 def test_volume_view_normalises_like_the_normalizer(tiny_store):
     frag = open_fragments(tiny_store, ["2"])[0]
     layers = LayerRange(0, 12)
@@ -129,6 +219,8 @@ def test_dataset_items_and_loader_workers(tiny_store):
     sets = [WindowSet(i, f.meta.shape[1:], f.windows()) for i, f in enumerate(frags)]
     sampler = WindowSampler(sets, 32, 16, batch_size=4, num_workers=2, seed=0)
     aug = CropDataset(frags, layers, 32, augment=build_augment("full", 32, seed=0))
+    before = aug.__getitems__([(0, 0, 0), (1, 5, 5)])  # the parent's read-ahead thread exists
+    assert len(before) == 2 and before[1]["origin"].tolist() == [1, 5, 5]
     batches = list(DataLoader(aug, batch_size=4, sampler=sampler, num_workers=2))
     assert len(batches) == 4 and batches[0]["image"].shape == (4, 4, 32, 32)
     origins = torch.cat([b["origin"] for b in batches]).numpy()
@@ -140,3 +232,15 @@ def test_dataset_items_and_loader_workers(tiny_store):
 def test_dataset_checks_layers(tiny_store):
     with pytest.raises(ConfigError, match="has 12 layers"):
         CropDataset(open_fragments(tiny_store, ["1"]), LayerRange(5, 20), 32)
+
+
+def test_sampler_keys_carry_the_next_batch_of_the_same_worker():
+    s = WindowSampler(make_sets(), 224, 64, batch_size=8, num_workers=2, seed=0)
+    keys = list(s)
+    assert keys == list(map(tuple, s.draw(0).tolist()))  # still plain (f, y0, x0) tuples
+    batches = [keys[i : i + 8] for i in range(0, 64, 8)]
+    for b, batch in enumerate(batches):
+        assert all(k.read_ahead == () for k in batch[:-1])
+        expect = tuple(map(tuple, batches[b + 2])) if b + 2 < len(batches) else ()
+        assert batch[-1].read_ahead == expect
+    assert pickle.loads(pickle.dumps(keys[7])).read_ahead == keys[7].read_ahead
