@@ -326,6 +326,24 @@ class BlockCache:
             return
         fut.set_result(None)
 
+    def _queue(self, keys: list[BlockKey], pin: bool) -> list[BlockKey]:
+        """Hand the blocks of ``keys`` not cached nor in flight to the read-ahead thread.
+
+        With ``pin``, all of ``keys`` are pinned first. Returns the keys queued.
+        """
+        assert self._pool is not None
+        with self._lock:
+            if pin:
+                self._pins.update(keys)
+            todo = [
+                k for k in dict.fromkeys(keys) if k not in self.blocks and k not in self._loading
+            ]
+            for key in todo:
+                self._loading[key] = Future()
+        for key in todo:
+            self._pool.submit(self._read_ahead, key)
+        return todo
+
     def read_many(
         self,
         crops: Sequence[tuple[int, int, int]],
@@ -351,39 +369,16 @@ class BlockCache:
 
         def announce() -> None:
             nonlocal announced
-            while announced < len(plan) and (
-                announced == 0 or sum(b for _, b in ahead) < limit or not ahead
-            ):
-                ks = keys[announced]
-                todo = []
-                with self._lock:
-                    self._pins.update(ks)
-                    for key in ks:
-                        if key not in self.blocks and key not in self._loading:
-                            self._loading[key] = Future()
-                            todo.append(key)
-                for key in todo:
+            while announced < len(plan) and (not ahead or sum(b for _, b in ahead) < limit):
+                for key in self._queue(keys[announced], pin=True):
                     shape = self.readers[key[0]].block_shape(self.layers.as_slice())
                     ahead.append((announced, int(np.prod(shape)) * 2))
-                    pool.submit(self._read_ahead, key)
                 announced += 1
             if announced == len(plan) and then_keys:
-                queue_then()
+                self._queue([k for ks in then_keys for k in ks], pin=False)
+                then_keys.clear()
 
         then_keys = [self.keys_of(int(f), int(y), int(x), tile_px) for f, y, x in then]
-
-        def queue_then() -> None:
-            with self._lock:
-                todo = []
-                for key in (k for ks in then_keys for k in ks):
-                    if key not in self.blocks and key not in self._loading:
-                        self._loading[key] = Future()
-                        todo.append(key)
-            for key in todo:
-                pool.submit(self._read_ahead, key)
-            then_keys.clear()
-
-        pool = self._pool
         done = 0
         try:
             for i, ((f, y, x), ks) in enumerate(zip(plan, keys)):
