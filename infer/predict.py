@@ -50,6 +50,7 @@ from inkpipe.pipeline.fragments import SLICE_DIR, discover_fragments, is_fragmen
 from inkpipe.pipeline.images import atomic_path, write_png
 from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.layers import LayerRange
+from inkpipe.pipeline.memory import retain_freed_memory
 from inkpipe.pipeline.store import Fragment, open_fragment, open_store
 from inkpipe.pipeline.volume import Normalizer, VolumeView
 from inkpipe.pipeline.windows import tile_starts
@@ -558,6 +559,7 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = print) -> list[Frag
     if cfg.out.exists() and not cfg.out.is_dir():
         raise ConfigError(f"--out {cfg.out} is a file, expected a folder for the predictions")
     models = load_models(cfg.checkpoints)
+    retain_freed_memory()  # tiles are allocated and freed thousands of times a second
     threshold = (
         cfg.threshold
         if cfg.threshold is not None

@@ -339,24 +339,35 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
     def __getitems__(self, keys: Sequence[tuple[int, int, int]]) -> list[dict[str, torch.Tensor]]:
         """Read a batch (the DataLoader passes a batch's keys here when this method exists).
 
-        The batch's blocks are decoded by the cache's read-ahead thread while earlier crops
-        are cut, normalised and augmented (see :meth:`BlockCache.read_many`).
+        Two threads decode, cut and normalise the batch's crops (see
+        :meth:`BlockCache.read_many`); augmentation, which draws from one seeded generator,
+        follows in this thread in batch order.
         """
         checked = [self._check_key(key) for key in keys]
-        return [
-            self._sample(key, raw, True) for key, raw in zip(checked, self.read_raw_batch(keys))
-        ]
+        images = self.read_raw_batch(keys, transform=self._normalise)
+        return [self._sample(key, image, True) for key, image in zip(checked, images)]
 
-    def read_raw_batch(self, keys: Sequence[tuple[int, ...]]) -> Iterator[NDArray[np.uint16]]:
-        """Yield the (k, t, t) uint16 crops at ``keys``, reading ahead (see ``__getitems__``)."""
+    def read_raw_batch(
+        self,
+        keys: Sequence[tuple[int, ...]],
+        transform: Callable[[int, NDArray[np.uint16]], Any] | None = None,
+    ) -> Iterator[Any]:
+        """Yield the (k, t, t) uint16 crops at ``keys`` (``transform(fragment, crop)`` of them).
+
+        The blocks of the batch announced in the last key's ``read_ahead`` are read ahead.
+        """
         checked = [self._check_key(key) for key in keys]
         ahead = [a for key in keys for a in getattr(key, "read_ahead", ())]
-        return self.cache.read_many(checked, self.tile_px, then=ahead)
+        return self.cache.read_many(checked, self.tile_px, then=ahead, transform=transform)
+
+    def _normalise(self, f: int, raw: NDArray[np.uint16]) -> NDArray[np.float32]:
+        """Normalise a (k, t, t) uint16 crop of fragment ``f`` to float32."""
+        return self.normalizers[f](raw)
 
     def item(self, key: tuple[int, ...], augment: bool = True) -> dict[str, torch.Tensor]:
         """Return the crop at ``key = (fragment, y0, x0)``, augmented or not (see class doc)."""
         f, y0, x0 = self._check_key(key)
-        return self._sample((f, y0, x0), self.read_raw(f, y0, x0), augment)
+        return self._sample((f, y0, x0), self._normalise(f, self.read_raw(f, y0, x0)), augment)
 
     def _check_key(self, key: tuple[int, ...]) -> tuple[int, int, int]:
         f, y0, x0 = (int(v) for v in key)
@@ -365,11 +376,10 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
         return f, y0, x0
 
     def _sample(
-        self, key: tuple[int, int, int], raw: NDArray[np.uint16], augment: bool
+        self, key: tuple[int, int, int], image: NDArray[np.float32], augment: bool
     ) -> dict[str, torch.Tensor]:
-        """Build the sample dict from the (k, t, t) uint16 crop ``raw`` at ``key``."""
+        """Build the sample dict from the normalised (k, t, t) float32 crop at ``key``."""
         f, y0, x0 = key
-        image = self.normalizers[f](raw)
         valid = self.plane_crop(self.masks[f], y0, x0)
         label = self.plane_crop(self.labels[f], y0, x0) & valid
         if augment and self.augment is not None:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from inkpipe.pipeline.blending import sliding_window_predict
 from inkpipe.pipeline.errors import ConfigError, TrainingError
 from inkpipe.pipeline.images import atomic_path
+from inkpipe.pipeline.memory import retain_freed_memory
 from inkpipe.pipeline.metrics import search_threshold
 from inkpipe.pipeline.store import Fragment, open_fragments
 from inkpipe.pipeline.volume import VolumeView
@@ -441,6 +442,7 @@ def train_one(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResu
     """Train one model as configured; see the module docstring."""
     device = select_device(cfg.device)
     plan = plan_run(cfg)
+    retain_freed_memory()  # crops are allocated and freed thousands of times a second
     with distributed(device) as d:
         return _train(cfg, plan, device, d, log if d.main else (lambda s: None))
 

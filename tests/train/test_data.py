@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from inkpipe.pipeline.errors import ConfigError
+from inkpipe.pipeline.errors import ConfigError, StoreError
 from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.store import open_fragments
 from inkpipe.pipeline.volume import BlockCache, Normalizer, VolumeView
@@ -183,11 +183,69 @@ def test_read_ahead_errors_reach_the_reader(tiny_store, tmp_path):
     chunk = store / "1" / "volume" / "c" / "0" / "1" / "0"
     chunk.write_bytes(b"not a blosc chunk")
     cache = BlockCache([frag.volume], LayerRange(0, 4), budget_mb=1)
-    with pytest.raises(Exception) as err:
-        list(cache.read_many([(0, 0, 0), (0, 70, 0)], 32))
-    with pytest.raises(type(err.value)):
+    crops = [(0, 0, 0), (0, 70, 0), (0, 0, 40)]
+    got = cache.read_many(crops, 32)
+    next(got)  # the crops before the damaged chunk are fine
+    with pytest.raises(StoreError, match=r"c/0/1/0 is damaged.*fragment '1'.*--overwrite"):
+        next(got)
+    with pytest.raises(StoreError):
         cache.read(0, 70, 0, 32)
     assert not cache._loading
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "other size"])
+def test_damaged_chunk_files_are_store_errors_not_crashes(tiny_store, tmp_path, damage):
+    import shutil
+
+    from numcodecs import blosc
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store)
+    chunk = store / "1" / "volume" / "c" / "1" / "0" / "1"
+    data = chunk.read_bytes()
+    if damage == "truncate":  # a valid header: Blosc alone would read past the end
+        chunk.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        chunk.write_bytes(b"")
+    else:
+        chunk.write_bytes(blosc.compress(np.zeros(100, np.uint16), b"lz4", 5, blosc.SHUFFLE))
+    frag = open_fragments(store, ["1"])[0]
+    expect = {"truncate": "truncated", "empty": "not even a Blosc header", "other size": "200"}
+    with pytest.raises(StoreError, match=expect[damage]):
+        BlockCache([frag.volume], LayerRange(3, 9), budget_mb=1).read(0, 0, 40, 32)
+
+
+def test_read_many_transforms_on_both_threads_in_order(tiny_store):
+    frag = open_fragments(tiny_store, ["1"])[0]
+    layers = LayerRange(1, 10)
+    norm = Normalizer(frag.layer_stats()[1:10])
+    crops = [(0, y, x) for y in range(0, 96, 8) for x in range(0, 80, 8)]
+    seen = []
+
+    def transform(f, crop):
+        seen.append(f)
+        return f, norm(crop)
+
+    cache = BlockCache([frag.volume], layers, budget_mb=0.1)
+    got = list(cache.read_many(crops, 24, transform=transform))
+    assert len(got) == len(seen) == len(crops)
+    for (f, image), (_, y, x) in zip(got, crops):
+        raw = np.zeros((9, 24, 24), np.uint16)  # zeros past the edge, normalised like the rest
+        part = frag.volume[1:10, y : y + 24, x : x + 24]
+        raw[:, : part.shape[1], : part.shape[2]] = part
+        assert f == 0 and image.dtype == np.float32
+        np.testing.assert_array_equal(image, norm(raw))
+
+
+def test_normalizer_clips_then_standardises():
+    stats = np.array([[1000.0, 200.0, 700.0, 1500.0], [50.0, 0.5, 0.0, 100.0]])
+    crop = np.array([[[0, 700, 1000, 1400, 60000]], [[0, 50, 51, 100, 101]]], np.uint16)
+    x = crop.astype(np.float64)
+    lo, hi = stats[:, 2, None, None], stats[:, 3, None, None]
+    expect = (np.clip(x, lo, hi) - stats[:, 0, None, None]) / np.maximum(stats[:, 1, None, None], 1)
+    out = Normalizer(stats)(crop)
+    assert out.dtype == np.float32 and out.shape == crop.shape
+    np.testing.assert_allclose(out, expect, rtol=1e-6, atol=1e-5)
 
 
 def test_volume_view_normalises_like_the_normalizer(tiny_store):
