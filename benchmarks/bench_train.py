@@ -4,10 +4,10 @@
 
 1. Loader throughput (crops/s) for k = 10, 30, 65 on a real-size synthetic fragment
    (8181 x 6330 x 65; made by bench_ingest.py or here), on the crops the training sampler
-   draws, in its order: from the store as training reads it (bounded chunk cache with
-   read-ahead; also one thread without it, and normalised tensors as the DataLoader yields
-   them), from an in-memory NumPy array (the limit), and from memmapped raw TIFFs (files in
-   the page cache).
+   draws, in its order, raw (uint16) and normalised (float32, what training consumes): from
+   the store as training reads it (bounded chunk cache, two threads), and from memmapped raw
+   TIFFs (files in the page cache). Also the store in one thread and an in-memory NumPy
+   array (the limit for one thread). glibc is told to keep freed memory, as training does.
 2. Peak RSS of a short training run at k = 10 and k = 30, on the real-size store and on a
    small one: it must not grow with the fragment.
 3. Quality: F0.5 on a held-out synthetic test fragment after a fixed CPU budget, both models.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,22 +26,61 @@ from _common import RSS_SUFFIX, ensure_fragment, run_measured
 
 from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.layers import LayerRange
+from inkpipe.pipeline.memory import retain_freed_memory
 from inkpipe.pipeline.store import StoreSettings, open_fragments
 
 LAYER_SETS = {10: LayerRange(28, 38), 30: LayerRange(18, 48), 65: LayerRange(0, 65)}
+
+
+def _epochs(read, batches: list[list[list]]) -> list[float]:
+    """Crops/s of ``read(batch)`` (an iterable of crops) over each epoch's batches."""
+    rates = []
+    for epoch in batches:
+        n = sum(len(b) for b in epoch)
+        t0 = time.perf_counter()
+        for batch in epoch:
+            for _ in read(batch):
+                pass
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+FRESH_MEMORY_PROBE = """
+import time
+from inkpipe.pipeline.volume import mapped_empty
+for _ in range(2):
+    t0 = time.perf_counter()
+    block = mapped_empty((1 << 30,), "uint8")  # 1 GiB, pages mapped up front
+    print(time.perf_counter() - t0)
+    del block
+"""
+
+
+def fresh_memory_seconds() -> tuple[float, float]:
+    """Seconds to map in 1 GiB of new memory in a new process: the first time, and again.
+
+    What a first epoch pays to fill its block cache. Virtual machines that hand freed guest
+    memory back to the host make the first figure several times the second.
+    """
+    _, _, out = run_measured(FRESH_MEMORY_PROBE)
+    first, again = (float(v) for v in out.split())
+    return first, again
 
 
 def loader_rates(store: Path, frag_dir: Path, n: int) -> list[tuple]:
     """Crops/s for each k: the store through the training read path, RAM, memmapped TIFFs.
 
     Two epochs of ``n`` crops each (the sampler's draws for epochs 0 and 1), read the way
-    training reads them: batches of 16 through ``CropDataset.read_raw_batch`` (the block
-    cache with its read-ahead thread, told the next batch by the sampler). "1st epoch" starts
-    from an empty cache; "next epoch" is epoch 1 on the cache epoch 0 left. The memmapped
-    TIFFs read the same crops in the same order, epoch 0 then epoch 1, with the files in the
-    page cache. Also: the store read crop by crop in one thread (no read-ahead), and
-    normalised float32 samples as the DataLoader receives them.
+    training reads them: batches of 16 through ``CropDataset.read_raw_batch`` (two threads
+    share decoding and cutting; the sampler tells the cache the next batch to read ahead).
+    "1st epoch" starts from an empty cache; "next epoch" is epoch 1 on the cache epoch 0
+    left. The memmapped TIFFs read the same crops in the same order, epoch 0 then epoch 1,
+    with the files in the page cache (new maps for each pass). "raw" is the uint16 crops;
+    "normalised" the float32 crops training consumes (the store normalises on its two
+    threads, the TIFF baseline after ``np.stack``). Also: the store read crop by crop in one
+    thread (warm cache, no helper thread), and the in-memory array (one thread).
     """
+    from inkpipe.pipeline.volume import Normalizer
     from inkpipe.train.data import CropDataset, WindowSampler, WindowSet
 
     frag = open_fragments(store)[0]
@@ -54,47 +94,43 @@ def loader_rates(store: Path, frag_dir: Path, n: int) -> list[tuple]:
     rows = []
     for k, layers in LAYER_SETS.items():
         ds = CropDataset([frag], layers, 224, augment=None, cache_mb=1024)
-        store_rates = []
-        for epoch in (0, 1):
-            t0 = time.perf_counter()
-            for batch in batches[epoch]:
-                for _ in ds.read_raw_batch(batch):
-                    pass
-            store_rates.append(n / (time.perf_counter() - t0))
+        raw = _epochs(ds.read_raw_batch, batches)
         cache_mb = ds.cache.nbytes / 2**20
         t0 = time.perf_counter()
         for key in epochs[0]:  # warm cache from epoch 1, one thread
             ds.read_raw(*key)
         single = n / (time.perf_counter() - t0)
         del ds
-        ds2 = CropDataset([frag], layers, 224, augment=None, cache_mb=1024)
-        t0 = time.perf_counter()
-        for batch in batches[0]:
-            ds2.__getitems__(batch)
-        items = n / (time.perf_counter() - t0)
-        del ds2
+        ds = CropDataset([frag], layers, 224, augment=None, cache_mb=1024)
+        norm = _epochs(partial(ds.read_raw_batch, transform=ds._normalise), batches)
+        del ds
         arr = np.asarray(frag.volume[layers.as_slice()])
         t0 = time.perf_counter()
         for _, y, x in epochs[0]:
             arr[:, y : y + 224, x : x + 224].copy()
         ram = n / (time.perf_counter() - t0)
         del arr
-        maps = [
-            tifffile.memmap(frag_dir / "surface_volume" / f"{z:02d}.tif")
-            for z in range(layers.start, layers.stop)
-        ]
-        mm_rates = []
-        for epoch in (0, 1):
-            t0 = time.perf_counter()
-            for _, y, x in epochs[epoch]:
-                np.stack([m[y : y + 224, x : x + 224] for m in maps])
-            mm_rates.append(n / (time.perf_counter() - t0))
-        del maps
-        rows.append((k, *store_rates, single, items, ram, *mm_rates, cache_mb))
+        normalise = Normalizer(frag.layer_stats()[layers.as_slice()])
+        mm = {}
+        for mode in ("raw", "normalised"):
+            maps = [
+                tifffile.memmap(frag_dir / "surface_volume" / f"{z:02d}.tif")
+                for z in range(layers.start, layers.stop)
+            ]
+
+            def read(batch, maps=maps, mode=mode, normalise=normalise):
+                for _, y, x in batch:
+                    crop = np.stack([m[y : y + 224, x : x + 224] for m in maps])
+                    yield crop if mode == "raw" else normalise(crop)
+
+            mm[mode] = _epochs(read, batches)
+            del maps
+        rows.append((k, *raw, *mm["raw"], *norm, *mm["normalised"], single, ram, cache_mb))
         print(
-            f"k={k}: store {store_rates[0]:.0f} (next epoch {store_rates[1]:.0f}, one thread "
-            f"{single:.0f}), normalised {items:.0f}, RAM {ram:.0f}, memmap TIFF "
-            f"{mm_rates[0]:.0f} (next {mm_rates[1]:.0f}) crops/s; cache held {cache_mb:.0f} MB",
+            f"k={k}: raw: store {raw[0]:.0f} / {raw[1]:.0f}, memmap TIFF {mm['raw'][0]:.0f} / "
+            f"{mm['raw'][1]:.0f}; normalised: store {norm[0]:.0f} / {norm[1]:.0f}, memmap TIFF "
+            f"{mm['normalised'][0]:.0f} / {mm['normalised'][1]:.0f} (1st / next epoch); "
+            f"one thread {single:.0f}, RAM {ram:.0f} crops/s; cache held {cache_mb:.0f} MB",
             flush=True,
         )
     return rows
@@ -106,6 +142,7 @@ def train_rss(store: Path, layers: LayerRange, out: Path) -> tuple[float, float]
 import shutil
 from pathlib import Path
 from inkpipe.pipeline.layers import LayerRange
+from inkpipe.pipeline.memory import retain_freed_memory
 from inkpipe.train.config import TrainConfig, parse_validation
 from inkpipe.train.loop import train
 out = Path({str(out)!r}); shutil.rmtree(out, ignore_errors=True)
@@ -216,6 +253,7 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of parts to skip: loader,rss,quality")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    retain_freed_memory()  # as train and predict do; applies to every reader measured here
     h, w = (1024, 1024) if args.quick else (8181, 6330)
     big_root = args.workdir / f"frag_{h}x{w}"
     frag_dir = ensure_fragment(big_root, h, w)
@@ -233,22 +271,27 @@ def main() -> None:
         ingest(IngestConfig(root=small_root, out=small, progress=False), log=print)
 
     if "loader" not in skip:
+        first, again = fresh_memory_seconds()
         rows = loader_rates(big, frag_dir, args.crops if not args.quick else 304)
         print(
             f"\n### Loader throughput, {h}x{w} fragment, 2 epochs of {args.crops} crops "
-            "(crops/s, 1 GB cache)\n"
+            "(crops/s, 1 GB cache; 1st / next epoch)\n"
         )
         print(
-            "| k | store, 1st epoch | store, next epoch | memmapped TIFFs, 1st | memmapped "
-            "TIFFs, next | store, one thread, no read-ahead | store, normalised float32 | "
-            "in-memory NumPy | cache used MB |"
+            "| k | store raw | memmapped TIFFs raw | store normalised | memmapped TIFFs "
+            "normalised | store, one thread, warm | in-memory NumPy | cache used MB |"
         )
-        print("|---|---|---|---|---|---|---|---|---|")
-        for k, s0, s1, single, items, ram, m0, m1, cache in rows:
+        print("|---|---|---|---|---|---|---|---|")
+        for k, s0, s1, m0, m1, n0, n1, q0, q1, single, ram, cache in rows:
             print(
-                f"| {k} | {s0:.0f} | {s1:.0f} | {m0:.0f} | {m1:.0f} | {single:.0f} | "
-                f"{items:.0f} | {ram:.0f} | {cache:.0f} |"
+                f"| {k} | {s0:.0f} / {s1:.0f} | {m0:.0f} / {m1:.0f} | {n0:.0f} / {n1:.0f} | "
+                f"{q0:.0f} / {q1:.0f} | {single:.0f} | {ram:.0f} | {cache:.0f} |"
             )
+        print(
+            f"\nMapping in 1 GiB of new memory took {first:.2f} s in a new process "
+            f"({again:.2f} s for a second GiB right after): the 1st epoch pays this to fill "
+            "the cache."
+        )
     if "rss" not in skip:
         print(
             "\n### Peak RSS of a short training run (attention-unet, batch 4, 4 steps, tile 224)\n"
