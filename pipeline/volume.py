@@ -32,17 +32,15 @@ from .layers import LayerRange
 
 
 def mapped_empty(shape: tuple[int, ...], dtype: Any = np.uint16) -> NDArray[Any]:
-    """Return a new array in its own anonymous memory mapping, its pages already mapped.
+    """Return a new uninitialised array in its own anonymous memory mapping.
 
     Unlike ``np.empty``, this skips numpy's transparent-huge-page advice for arrays >= 4 MB:
     where the kernel has to compact memory to find huge pages, first touch then costs ~5 ms a
-    2 MB page instead of ~0.8 ms (measured on the 2-core benchmark machines). The pages are
-    mapped up front (``MAP_POPULATE`` where the platform has it), which costs about half as
-    much as faulting them in one by one on first write. The mapping is released with the array.
+    2 MB page instead of ~0.8 ms (measured on the 2-core benchmark machines), which made a
+    cold block cache 3x slower to fill. The mapping is released with the array.
     """
     count = int(np.prod(shape))
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    buf = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1), flags=flags)
+    buf = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1))
     return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
@@ -224,10 +222,10 @@ class BlockCache:
     a :class:`ChunkReader` and then serves every crop that touches it while it stays cached.
     Evicted blocks' memory is reused for the next ones, so a warm cache allocates nothing.
 
-    :meth:`read_many` reads a list of crops on two threads (the caller's and a helper), which
-    share the decoding and cutting and so use two cores; afterwards the helper reads ahead
-    the blocks of crops announced for the next call. Blocks a crop in hand needs are pinned
-    (not evicted), so the budget may be exceeded by the blocks of two crops. ``misses``
+    :meth:`read_many` reads a list of crops on two threads (the caller's and a helper that
+    decodes ahead), so decoding and cutting use two cores; afterwards the helper reads ahead
+    the blocks of crops announced for the next call. Blocks that coming crops need are
+    pinned (not evicted), so the budget may be exceeded by up to a quarter. ``misses``
     counts blocks decoded, ``hits`` block uses that found their block cached or in flight.
 
     Args:
@@ -440,15 +438,25 @@ class BlockCache:
         """Helper-thread task: decode ahead, share ``job``'s crops, then read ``then`` ahead.
 
         Decoding the blocks of coming crops comes first (the reader cuts meanwhile); when
-        none is missing, the helper cuts crops too. The ``then`` blocks (those of the crops a
-        later call will read) are decoded last, unpinned, at most a quarter of the budget.
+        none is missing and crops are transformed, the helper takes crops too. The ``then``
+        blocks (those of the crops a later call will read) are decoded last, unpinned, at
+        most a quarter of the budget.
         """
         while True:
             key = self._claim_ahead(job)
             if key is not None:
                 self._read_ahead(key)
-            elif not self._work(job):
+                continue
+            # plain crops: copying is memory-bound, so this thread only decodes
+            if job.transform is not None and self._work(job):
+                continue
+            with self._lock:  # read-ahead is at its limit: wait for the reader to move on
+                n = len(job.plan)
+                limited = not job.closed and job.scan < n and job.taken < n
+                coming = job.results[job.taken] if limited else None
+            if coming is None:
                 break
+            wait([coming])
         room = self.budget // 4
         for key in dict.fromkeys(then):
             with self._lock:
@@ -470,14 +478,16 @@ class BlockCache:
         """Yield the (k, tile, tile) uint16 crops at ``crops`` (fragment, y0, x0), in order.
 
         Two threads share the work. A helper thread decodes the missing blocks of coming
-        crops, in order, while this thread cuts the crops whose blocks are ready; when no
-        block is missing, the helper cuts crops too. Blosc decoding and NumPy copies release
-        the GIL, so both cores work. The helper runs at most a quarter of the budget ahead;
-        blocks of crops ahead stay pinned until used. With ``transform``,
-        ``transform(fragment, crop)`` is yielded instead of each crop (e.g. normalisation:
-        it must be thread-safe and draw no random numbers, as crops are transformed on
-        either thread in no fixed order). Last, the helper decodes the blocks of ``then``
-        (crops a later call will read), unpinned. Errors are raised here, at their crop.
+        crops, in order, while this thread cuts the crops whose blocks are ready. The helper
+        runs at most a quarter of the budget ahead; blocks of crops ahead stay pinned until
+        used. With ``transform``, ``transform(fragment, crop)`` is yielded instead of each
+        crop (e.g. normalisation: it must be thread-safe and draw no random numbers, as
+        crops are transformed on either thread in no fixed order), and the helper takes
+        crops too whenever no block is missing. Blosc decoding, NumPy copies and arithmetic
+        release the GIL, so both cores work. Plain crops are cut by this thread only: two
+        threads copying measured slower than one here (memory-bound). Last, the helper
+        decodes the blocks of ``then`` (crops a later call will read), unpinned. Errors are
+        raised here, at the crop they belong to.
         """
         self._check_fork()
         if self._pool is None:
@@ -488,11 +498,11 @@ class BlockCache:
         helper = self._pool.submit(self._help, job, hints)
         done = 0
         try:
-            for result in list(job.results):
-                while not result.done() and self._work(job):
+            for i in range(len(plan)):
+                while not job.results[i].done() and self._work(job):
                     pass  # this thread takes crops until the next one to yield is ready
-                crop = result.result()
-                job.results[done] = _DONE  # hold no crop the reader has let go of
+                crop = job.results[i].result()
+                job.results[i] = _DONE  # hold no crop the reader has let go of
                 done += 1
                 yield crop
         finally:
@@ -503,6 +513,8 @@ class BlockCache:
                     job.closed = True
                 for keys in job.keys[taken:pinned]:  # pinned ahead, never taken
                     self._unpin(keys)
+                for result in job.results[taken:]:
+                    result.cancel()  # wakes a helper waiting for the reader
                 wait([helper])  # the helper stops after the crop or block in hand
 
 

@@ -171,7 +171,7 @@ def test_read_many_reads_ahead_equal_to_read_and_releases_blocks(tiny_store):
     it = ahead.read_many(crops, 40)
     next(it)
     it.close()
-    assert not ahead._pins
+    assert not ahead._pins and not ahead._loading  # and the helper has stopped
 
 
 def test_read_ahead_errors_reach_the_reader(tiny_store, tmp_path):
@@ -235,6 +235,24 @@ def test_read_many_transforms_on_both_threads_in_order(tiny_store):
         raw[:, : part.shape[1], : part.shape[2]] = part
         assert f == 0 and image.dtype == np.float32
         np.testing.assert_array_equal(image, norm(raw))
+
+
+def test_read_many_raises_a_transform_error_at_its_crop(tiny_store):
+    frag = open_fragments(tiny_store, ["1"])[0]
+    crops = [(0, y, 0) for y in range(0, 96, 8)]
+
+    def transform(f, crop):
+        if crop.sum() == bad_sum:
+            raise ValueError("bad crop")
+        return crop
+
+    cache = BlockCache([frag.volume], LayerRange(0, 4), budget_mb=1)
+    bad_sum = cache.read(0, 40, 0, 24).sum()  # crop 5
+    got = cache.read_many(crops, 24, transform=transform)
+    assert len([next(got) for _ in range(5)]) == 5
+    with pytest.raises(ValueError, match="bad crop"):
+        next(got)
+    assert not cache._pins and not cache._loading
 
 
 def test_normalizer_clips_then_standardises():
