@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from functools import partial
 from pathlib import Path
@@ -45,12 +46,68 @@ def _epochs(read, batches: list[list[list]]) -> list[float]:
     return rates
 
 
+def loader_pass(store: Path, frag_dir: Path, k: int, mode: str, n: int, extras: bool) -> dict:
+    """One process's measurement: the store, then memmapped TIFFs, on the same two epochs.
+
+    Two epochs of ``n`` crops (the sampler's draws for epochs 0 and 1), read the way training
+    reads them: batches of 16 through ``CropDataset.read_raw_batch`` (two threads share
+    decoding, cutting and, for ``mode == "normalised"``, normalising; the sampler tells the
+    cache the next batch to read ahead). Epoch 0 starts from an empty cache in a new
+    process, as a training run does; epoch 1 uses the cache epoch 0 left. The memmapped
+    TIFFs read the same crops in the same order (files in the page cache), stacked and, when
+    normalised, normalised in this thread. With ``extras``: the store read crop by crop in
+    one thread (warm cache) and the crops cut from the volume in RAM.
+    """
+    from inkpipe.pipeline.volume import Normalizer
+    from inkpipe.train.data import CropDataset, WindowSampler, WindowSet
+
+    retain_freed_memory()  # as train and predict do; for every reader measured here
+    layers = LAYER_SETS[k]
+    frag = open_fragments(store)[0]
+    sets = [WindowSet(0, frag.meta.shape[1:], frag.windows())]
+    sampler = WindowSampler(sets, 224, n, 16, seed=0, jitter_px=32)
+    epochs = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+    batches = [[keys[i : i + 16] for i in range(0, n, 16)] for keys in epochs]
+    ds = CropDataset([frag], layers, 224, augment=None, cache_mb=1024)
+    transform = ds._normalise if mode == "normalised" else None
+    out = {"store": _epochs(partial(ds.read_raw_batch, transform=transform), batches)}
+    out["cache_mb"] = ds.cache.nbytes / 2**20
+    normalise = Normalizer(frag.layer_stats()[layers.as_slice()])
+    maps = [
+        tifffile.memmap(frag_dir / "surface_volume" / f"{z:02d}.tif")
+        for z in range(layers.start, layers.stop)
+    ]
+
+    def read_tiffs(batch):
+        for _, y, x in batch:
+            crop = np.stack([m[y : y + 224, x : x + 224] for m in maps])
+            yield crop if mode == "raw" else normalise(crop)
+
+    out["memmap"] = _epochs(read_tiffs, batches)
+    if extras:
+        t0 = time.perf_counter()
+        for key in epochs[0]:
+            ds.read_raw(*key)
+        out["one_thread"] = n / (time.perf_counter() - t0)
+        del ds
+        arr = np.asarray(frag.volume[layers.as_slice()])
+        t0 = time.perf_counter()
+        for _, y, x in epochs[0]:
+            arr[:, y : y + 224, x : x + 224].copy()
+        out["ram"] = n / (time.perf_counter() - t0)
+    return out
+
+
 FRESH_MEMORY_PROBE = """
 import time
 from inkpipe.pipeline.volume import mapped_empty
 for _ in range(2):
     t0 = time.perf_counter()
-    block = mapped_empty((1 << 30,), "uint8")  # 1 GiB, pages mapped up front
+    block = mapped_empty((1 << 30,), "uint8")  # 1 GiB
+    block[::4096] = 1  # first touch of every page, as decoding into the cache does
     print(time.perf_counter() - t0)
     del block
 """
@@ -67,72 +124,31 @@ def fresh_memory_seconds() -> tuple[float, float]:
     return first, again
 
 
-def loader_rates(store: Path, frag_dir: Path, n: int) -> list[tuple]:
-    """Crops/s for each k: the store through the training read path, RAM, memmapped TIFFs.
-
-    Two epochs of ``n`` crops each (the sampler's draws for epochs 0 and 1), read the way
-    training reads them: batches of 16 through ``CropDataset.read_raw_batch`` (two threads
-    share decoding and cutting; the sampler tells the cache the next batch to read ahead).
-    "1st epoch" starts from an empty cache; "next epoch" is epoch 1 on the cache epoch 0
-    left. The memmapped TIFFs read the same crops in the same order, epoch 0 then epoch 1,
-    with the files in the page cache (new maps for each pass). "raw" is the uint16 crops;
-    "normalised" the float32 crops training consumes (the store normalises on its two
-    threads, the TIFF baseline after ``np.stack``). Also: the store read crop by crop in one
-    thread (warm cache, no helper thread), and the in-memory array (one thread).
-    """
-    from inkpipe.pipeline.volume import Normalizer
-    from inkpipe.train.data import CropDataset, WindowSampler, WindowSet
-
-    frag = open_fragments(store)[0]
-    sets = [WindowSet(0, frag.meta.shape[1:], frag.windows())]
-    sampler = WindowSampler(sets, 224, n, 16, seed=0, jitter_px=32)
-    epochs = []
-    for epoch in (0, 1):
-        sampler.set_epoch(epoch)
-        epochs.append(list(sampler))
-    batches = [[keys[i : i + 16] for i in range(0, n, 16)] for keys in epochs]
+def loader_rates(store: Path, frag_dir: Path, n: int, repeats: int) -> list[tuple]:
+    """Median crops/s over ``repeats`` new processes for each k and mode (see loader_pass)."""
+    here = Path(__file__).resolve().parent
     rows = []
-    for k, layers in LAYER_SETS.items():
-        ds = CropDataset([frag], layers, 224, augment=None, cache_mb=1024)
-        raw = _epochs(ds.read_raw_batch, batches)
-        cache_mb = ds.cache.nbytes / 2**20
-        t0 = time.perf_counter()
-        for key in epochs[0]:  # warm cache from epoch 1, one thread
-            ds.read_raw(*key)
-        single = n / (time.perf_counter() - t0)
-        del ds
-        ds = CropDataset([frag], layers, 224, augment=None, cache_mb=1024)
-        norm = _epochs(partial(ds.read_raw_batch, transform=ds._normalise), batches)
-        del ds
-        arr = np.asarray(frag.volume[layers.as_slice()])
-        t0 = time.perf_counter()
-        for _, y, x in epochs[0]:
-            arr[:, y : y + 224, x : x + 224].copy()
-        ram = n / (time.perf_counter() - t0)
-        del arr
-        normalise = Normalizer(frag.layer_stats()[layers.as_slice()])
-        mm = {}
-        for mode in ("raw", "normalised"):
-            maps = [
-                tifffile.memmap(frag_dir / "surface_volume" / f"{z:02d}.tif")
-                for z in range(layers.start, layers.stop)
-            ]
-
-            def read(batch, maps=maps, mode=mode, normalise=normalise):
-                for _, y, x in batch:
-                    crop = np.stack([m[y : y + 224, x : x + 224] for m in maps])
-                    yield crop if mode == "raw" else normalise(crop)
-
-            mm[mode] = _epochs(read, batches)
-            del maps
-        rows.append((k, *raw, *mm["raw"], *norm, *mm["normalised"], single, ram, cache_mb))
-        print(
-            f"k={k}: raw: store {raw[0]:.0f} / {raw[1]:.0f}, memmap TIFF {mm['raw'][0]:.0f} / "
-            f"{mm['raw'][1]:.0f}; normalised: store {norm[0]:.0f} / {norm[1]:.0f}, memmap TIFF "
-            f"{mm['normalised'][0]:.0f} / {mm['normalised'][1]:.0f} (1st / next epoch); "
-            f"one thread {single:.0f}, RAM {ram:.0f} crops/s; cache held {cache_mb:.0f} MB",
-            flush=True,
-        )
+    for k in LAYER_SETS:
+        cells: dict[str, list[float]] = {}
+        for rep in range(repeats):
+            for mode in ("raw", "normalised"):
+                extras = mode == "raw" and rep == 0
+                code = (
+                    f"import json, sys; sys.path.insert(0, {str(here)!r})\n"
+                    "from bench_train import loader_pass\n"
+                    f"print(json.dumps(loader_pass(Path({str(store)!r}), "
+                    f"Path({str(frag_dir)!r}), {k}, {mode!r}, {n}, {extras})))"
+                )
+                _, _, text = run_measured("from pathlib import Path\n" + code)
+                res = json.loads(text.strip().splitlines()[-1])
+                for reader in ("store", "memmap"):
+                    for epoch, rate in enumerate(res[reader]):
+                        cells.setdefault(f"{mode} {reader} {epoch}", []).append(rate)
+                for key in ("one_thread", "ram", "cache_mb"):
+                    if key in res:
+                        cells.setdefault(key, []).append(res[key])
+                print(f"k={k} {mode} run {rep + 1}: {res}", flush=True)
+        rows.append((k, {key: float(np.median(v)) for key, v in cells.items()}))
     return rows
 
 
@@ -250,10 +266,10 @@ def main() -> None:
     ap.add_argument("--crops", type=int, default=2000)
     ap.add_argument("--minutes", type=float, default=6.0, help="CPU training budget per model")
     ap.add_argument("--quick", action="store_true", help="small fragment, short runs")
+    ap.add_argument("--repeats", type=int, default=3, help="loader runs (median reported)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: loader,rss,quality")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    retain_freed_memory()  # as train and predict do; applies to every reader measured here
     h, w = (1024, 1024) if args.quick else (8181, 6330)
     big_root = args.workdir / f"frag_{h}x{w}"
     frag_dir = ensure_fragment(big_root, h, w)
@@ -272,20 +288,25 @@ def main() -> None:
 
     if "loader" not in skip:
         first, again = fresh_memory_seconds()
-        rows = loader_rates(big, frag_dir, args.crops if not args.quick else 304)
+        rows = loader_rates(big, frag_dir, args.crops if not args.quick else 304, args.repeats)
         print(
             f"\n### Loader throughput, {h}x{w} fragment, 2 epochs of {args.crops} crops "
-            "(crops/s, 1 GB cache; 1st / next epoch)\n"
+            f"(crops/s, 1 GB cache; 1st / next epoch; median of {args.repeats} processes)\n"
         )
         print(
             "| k | store raw | memmapped TIFFs raw | store normalised | memmapped TIFFs "
             "normalised | store, one thread, warm | in-memory NumPy | cache used MB |"
         )
         print("|---|---|---|---|---|---|---|---|")
-        for k, s0, s1, m0, m1, n0, n1, q0, q1, single, ram, cache in rows:
+        for k, c in rows:
+            pair = [
+                f"{c[f'{m} {r} 0']:.0f} / {c[f'{m} {r} 1']:.0f}"
+                for m in ("raw", "normalised")
+                for r in ("store", "memmap")
+            ]
             print(
-                f"| {k} | {s0:.0f} / {s1:.0f} | {m0:.0f} / {m1:.0f} | {n0:.0f} / {n1:.0f} | "
-                f"{q0:.0f} / {q1:.0f} | {single:.0f} | {ram:.0f} | {cache:.0f} |"
+                f"| {k} | {' | '.join(pair)} | {c['one_thread']:.0f} | {c['ram']:.0f} | "
+                f"{c['cache_mb']:.0f} |"
             )
         print(
             f"\nMapping in 1 GiB of new memory took {first:.2f} s in a new process "

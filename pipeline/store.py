@@ -46,10 +46,10 @@ class StoreSettings:
 
     Defaults are the ones ``benchmarks/bench_ingest.py`` justifies (see the README): chunks of
     4 layers x 512 x 512 px keep the waste of reading an arbitrary 10-layer range at 20 % and let
-    most 224 px crops fall in one or two chunks. 16-bit CT only compresses 0-10 % losslessly
-    whatever the codec, so the codec is chosen for speed: LZ4 with byte shuffle decodes at
-    ~10 GB/s a thread (about a memory copy), 4x faster than LZ4 with bit-shuffle, which
-    stores ~7 % less and is one ``--shuffle bitshuffle`` away.
+    most 224 px crops fall in one or two chunks. The synthetic benchmark volume compresses
+    0-12 % losslessly whatever the codec, so the codec is chosen for speed: LZ4 with byte
+    shuffle decodes at ~10 GB/s a thread (about a memory copy), 4x faster than LZ4 with
+    bit-shuffle, which stored 8 % less there and is one ``--shuffle bitshuffle`` away.
     """
 
     chunk_layers: int = 4
