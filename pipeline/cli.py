@@ -45,6 +45,20 @@ class Interrupted(click.ClickException):
     exit_code = 130
 
 
+def one_line(exc: BaseException) -> str:
+    """Return the message of ``exc`` without a DataLoader worker's traceback.
+
+    PyTorch re-raises an error from a DataLoader worker process as the same type, with the
+    worker's whole traceback as the message; the last line holds the original message.
+    """
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return last.removeprefix(prefix).removeprefix(f"{type(exc).__qualname__}: ")
+
+
 class InkpipeGroup(click.Group):
     """A click group with lazily imported commands and one-line errors."""
 
@@ -71,7 +85,7 @@ class InkpipeGroup(click.Group):
         try:
             return super().invoke(ctx)
         except InkpipeError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(one_line(exc)) from None
         except KeyboardInterrupt:
             raise Interrupted(
                 "interrupted; finished work is kept — run the same command again to resume "

@@ -513,8 +513,9 @@ class BlockCache:
                     job.closed = True
                 for keys in job.keys[taken:pinned]:  # pinned ahead, never taken
                     self._unpin(keys)
-                for result in job.results[taken:]:
-                    result.cancel()  # wakes a helper waiting for the reader
+                for result in job.results[taken:]:  # wake a helper waiting for the reader
+                    result.cancel()
+                    result.set_running_or_notify_cancel()  # cancel() alone wakes no wait()
                 wait([helper])  # the helper stops after the crop or block in hand
 
 

@@ -1,4 +1,5 @@
 import pickle
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -170,7 +171,8 @@ def test_read_many_reads_ahead_equal_to_read_and_releases_blocks(tiny_store):
     # a reader stopped early releases its pins too
     it = ahead.read_many(crops, 40)
     next(it)
-    it.close()
+    time.sleep(0.3)  # the helper, at its read-ahead limit, now waits for the reader
+    it.close()  # must wake it
     assert not ahead._pins and not ahead._loading  # and the helper has stopped
 
 

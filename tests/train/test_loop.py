@@ -207,6 +207,25 @@ def test_train_cli(tiny_store, tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_damaged_store_chunk_in_a_loader_worker_is_one_line(tiny_store, tmp_path):
+    import shutil
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store)
+    for chunk in store.glob("*/volume/c/**/*"):
+        if chunk.is_file():
+            chunk.write_bytes(chunk.read_bytes()[:40])  # every volume chunk truncated
+    args = ["train", "--store", str(store), "--out", str(tmp_path / "run"), "--layers", "2:6"]
+    args += ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--val", "patches:2"]
+    result = CliRunner().invoke(cli, [*args, "--workers", "2", "--quiet"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("training ") and len(lines) == 2, result.output
+    assert "Traceback" not in result.output and "DataLoader" not in result.output
+    assert lines[1].startswith("Error: store chunk file ") and "is damaged" in lines[1]
+    assert lines[1].endswith("--overwrite`")
+
+
 def test_ddp_on_cpu_with_two_processes(tiny_store, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
