@@ -148,20 +148,20 @@ class ChunkReader:
             out[:, data.shape[1] :] = 0
             out[:, :, data.shape[2] :] = 0
             return out
-        fill = self.volume.fill_value
+        fill = self.volume.fill_value or 0  # what chunks never written hold
         for zc in range(zs.start // cz, (zs.stop - 1) // cz + 1):
             z0, z1 = max(zs.start, zc * cz), min(zs.stop, (zc + 1) * cz)
             dst = out[z0 - zs.start : z1 - zs.start]
             path = self.root / "c" / str(zc) / str(by) / str(bx)
             if z1 - z0 == cz:  # a whole chunk: decode straight into the block
                 if not self._decode_file(path, dst):
-                    dst[...] = fill if fill is not None else 0
+                    dst[...] = fill
                 continue
             scratch = getattr(self._local, "scratch", None)
             if scratch is None:
                 scratch = self._local.scratch = np.empty((cz, cy, cx), dtype=np.uint16)
             if not self._decode_file(path, scratch):
-                scratch[...] = fill if fill is not None else 0
+                scratch[...] = fill
             dst[...] = scratch[z0 - zc * cz : z1 - zc * cz]
         return out
 
@@ -185,18 +185,13 @@ class ChunkReader:
         # Blosc trusts the sizes in the chunk's 16-byte header and would read past the end
         # of a truncated file (stale bytes of the buffer, or a crash): check them first.
         head = bytes(data[:16])
+        decoded, stored = int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
         if len(head) < 16:
             problem = f"it holds {size} bytes, not even a Blosc header"
-        elif int.from_bytes(head[12:16], "little") != len(data):
-            problem = (
-                f"its header says {int.from_bytes(head[12:16], 'little')} bytes "
-                f"but the file has {size} (truncated?)"
-            )
-        elif int.from_bytes(head[4:8], "little") != dst.nbytes:
-            problem = (
-                f"it decodes to {int.from_bytes(head[4:8], 'little')} bytes, "
-                f"not the {dst.nbytes} of a chunk"
-            )
+        elif stored != len(data):
+            problem = f"its header says {stored} bytes but the file has {size} (truncated?)"
+        elif decoded != dst.nbytes:
+            problem = f"it decodes to {decoded} bytes, not the {dst.nbytes} of a chunk"
         else:
             try:
                 blosc.decompress(data, dst)
@@ -268,7 +263,7 @@ class BlockCache:
             zs = self.layers.as_slice()
             reader = self.readers[key[0]]
             shape = reader.block_shape(zs)
-            need = int(np.prod(shape)) * 2
+            need = self._block_bytes(key)
             spare = None
             with self._lock:  # make room first, keeping an evicted block to decode into
                 for old_key in list(self.blocks):
@@ -380,6 +375,7 @@ class BlockCache:
         fut.set_result(None)
 
     def _block_bytes(self, key: BlockKey) -> int:
+        """Bytes of the decoded block ``key``."""
         return int(np.prod(self.readers[key[0]].block_shape(self.layers.as_slice()))) * 2
 
     def _work(self, job: _Job) -> bool:
@@ -459,13 +455,14 @@ class BlockCache:
             wait([coming])
         room = self.budget // 4
         for key in dict.fromkeys(then):
+            need = self._block_bytes(key)
             with self._lock:
-                if job.closed or room < self._block_bytes(key):
+                if job.closed or room < need:
                     return
                 if key in self.blocks or key in self._loading:
                     continue
                 self._loading[key] = Future()
-            room -= self._block_bytes(key)
+            room -= need
             self._read_ahead(key)
 
     def read_many(

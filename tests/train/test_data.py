@@ -217,7 +217,7 @@ def test_damaged_chunk_files_are_store_errors_not_crashes(tiny_store, tmp_path, 
         BlockCache([frag.volume], LayerRange(3, 9), budget_mb=1).read(0, 0, 40, 32)
 
 
-def test_read_many_transforms_on_both_threads_in_order(tiny_store):
+def test_read_many_transforms_each_crop_in_order(tiny_store):
     frag = open_fragments(tiny_store, ["1"])[0]
     layers = LayerRange(1, 10)
     norm = Normalizer(frag.layer_stats()[1:10])
