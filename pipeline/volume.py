@@ -168,7 +168,9 @@ class ChunkReader:
     def _decode_file(self, path: Path, dst: NDArray[np.uint16]) -> bool:
         """Decode chunk file ``path`` into ``dst`` (one whole chunk); False if never written.
 
-        The file is read into this thread's reusable buffer (no new memory per chunk).
+        A chunk Blosc stored uncompressed (its ``MEMCPYED`` flag: the data did not compress)
+        is read straight into ``dst``, one copy instead of two; any other is read into this
+        thread's reusable buffer (no new memory per chunk) and decoded from there.
 
         Raises:
             StoreError: the file is not a Blosc chunk of this array (damaged or truncated).
@@ -176,34 +178,60 @@ class ChunkReader:
         try:
             with open(path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
-                buf = getattr(self._local, "buf", None)
-                if buf is None or len(buf) < size:
-                    buf = self._local.buf = bytearray(max(size, dst.nbytes + 4096))
-                data = memoryview(buf)[: fh.readinto(memoryview(buf)[:size])]
+                head = fh.read(_BLOSC_HEADER)
+                # Blosc trusts the sizes in the chunk's 16-byte header and would read past
+                # the end of a truncated file (stale bytes of the buffer, or a crash): check.
+                problem = _header_problem(head, size, dst.nbytes)
+                if problem is None and head[2] & _BLOSC_MEMCPYED:
+                    got = fh.readinto(dst.data.cast("B"))
+                    if got == dst.nbytes:
+                        return True
+                    problem = f"it ends after {got} of its {dst.nbytes} data bytes"
+                if problem is None:
+                    buf = getattr(self._local, "buf", None)
+                    if buf is None or len(buf) < size:
+                        buf = self._local.buf = bytearray(max(size, dst.nbytes + 4096))
+                    buf[:_BLOSC_HEADER] = head
+                    view = memoryview(buf)[_BLOSC_HEADER:size]
+                    got = fh.readinto(view)
+                    if got == len(view):
+                        try:
+                            blosc.decompress(memoryview(buf)[:size], dst)
+                            return True
+                        except Exception as exc:  # numcodecs raises RuntimeError/ValueError
+                            problem = f"Blosc cannot decode it ({exc})"
+                    else:
+                        problem = f"it changed while being read ({got} of {len(view)} bytes)"
         except FileNotFoundError:
             return False
-        # Blosc trusts the sizes in the chunk's 16-byte header and would read past the end
-        # of a truncated file (stale bytes of the buffer, or a crash): check them first.
-        head = bytes(data[:16])
-        decoded, stored = int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
-        if len(head) < 16:
-            problem = f"it holds {size} bytes, not even a Blosc header"
-        elif stored != len(data):
-            problem = f"its header says {stored} bytes but the file has {size} (truncated?)"
-        elif decoded != dst.nbytes:
-            problem = f"it decodes to {decoded} bytes, not the {dst.nbytes} of a chunk"
-        else:
-            try:
-                blosc.decompress(data, dst)
-                return True
-            except Exception as exc:  # numcodecs raises RuntimeError/ValueError
-                problem = f"Blosc cannot decode it ({exc})"
         frag = self.root.parent.name if self.root is not None else "?"
         raise StoreError(
             f"store chunk file {path} is damaged: {problem}. The store was changed or its "
             f"writing interrupted; re-ingest fragment {frag!r} with "
             "`inkpipe ingest FRAGMENTS --out STORE --overwrite`"
         )
+
+
+_BLOSC_HEADER = 16  # bytes: version, codec version, flags, type size, 3 x uint32 sizes
+_BLOSC_MEMCPYED = 0x02  # flag: the data follows the header uncompressed and unshuffled
+
+
+def _header_problem(head: bytes, size: int, nbytes: int) -> str | None:
+    """Return what is wrong with a Blosc chunk of ``size`` bytes decoding to ``nbytes``, or None.
+
+    ``head`` is the file's first (up to) 16 bytes.
+    """
+    if len(head) < _BLOSC_HEADER:
+        return f"it holds {size} bytes, not even a Blosc header"
+    decoded = int.from_bytes(head[4:8], "little")
+    stored = int.from_bytes(head[12:16], "little")
+    if stored != size:
+        return f"its header says {stored} bytes but the file has {size} (truncated?)"
+    if decoded != nbytes:
+        return f"it decodes to {decoded} bytes, not the {nbytes} of a chunk"
+    if head[2] & _BLOSC_MEMCPYED and size != _BLOSC_HEADER + nbytes:
+        return f"it says it is stored uncompressed but has {size} bytes, not {16 + nbytes}"
+    return None
 
 
 BlockKey = tuple[int, int, int]  # (fragment, block row, block column)
@@ -215,7 +243,8 @@ class BlockCache:
     Blocks are keyed by (fragment, block row, block column) for one fixed layer range. A crop
     is assembled from the (at most 2 x 2) blocks it touches; a missing block is decoded once by
     a :class:`ChunkReader` and then serves every crop that touches it while it stays cached.
-    Evicted blocks' memory is reused for the next ones, so a warm cache allocates nothing.
+    Evicted blocks' memory is kept and decoded into again (blocks and spares together never
+    exceed the most the cache held at once), so a warm cache allocates and faults in nothing.
 
     :meth:`read_many` reads a list of crops on two threads (the caller's and a helper that
     decodes ahead), so decoding and cutting use two cores; afterwards the helper reads ahead
@@ -240,6 +269,8 @@ class BlockCache:
         self.blocks: OrderedDict[BlockKey, NDArray[np.uint16]] = OrderedDict()
         self.nbytes = 0
         self.hits = self.misses = 0
+        self._spare: list[NDArray[np.uint16]] = []  # evicted blocks' memory, to decode into
+        self._spare_bytes = 0
         self._lock = threading.Lock()
         self._pins: Counter[BlockKey] = Counter()  # uses still to come: not evictable
         self._loading: dict[BlockKey, Future[None]] = {}
@@ -264,17 +295,13 @@ class BlockCache:
             reader = self.readers[key[0]]
             shape = reader.block_shape(zs)
             need = self._block_bytes(key)
-            spare = None
-            with self._lock:  # make room first, keeping an evicted block to decode into
+            with self._lock:  # make room first, then decode into an evicted block's memory
                 for old_key in list(self.blocks):
                     if self.nbytes + need <= self.budget:
                         break
-                    if self._pins[old_key]:
-                        continue
-                    old = self.blocks.pop(old_key)
-                    self.nbytes -= old.nbytes
-                    if spare is None and old.shape == shape:
-                        spare = old
+                    if not self._pins[old_key]:
+                        self._drop(old_key)
+                spare = self._take_spare(shape)
             block = reader.read_block(zs, key[1], key[2], out=spare)
             with self._lock:
                 self.blocks[key] = block
@@ -284,8 +311,12 @@ class BlockCache:
             with self._lock:
                 self._loading.pop(key, None)
 
-    def _ensure(self, keys: list[BlockKey]) -> None:
-        """Make every block in ``keys`` (pinned by the caller) present in the cache."""
+    def _ensure(self, keys: list[BlockKey], job: _Job | None = None) -> None:
+        """Make every block in ``keys`` (pinned by the caller) present in the cache.
+
+        While a block is still being decoded by the other thread, this one decodes blocks
+        of ``job``'s coming crops (if given) instead of waiting idle.
+        """
         waits, todo = [], []
         with self._lock:
             for key in keys:
@@ -307,6 +338,11 @@ class BlockCache:
                 raise
             fut.set_result(None)
         for fut in waits:
+            while job is not None and not fut.done():
+                ahead = self._claim_ahead(job)
+                if ahead is None:
+                    break
+                self._read_ahead(ahead)
             fut.result()  # re-raises a failed read-ahead here, in the reading thread
 
     def _cut(
@@ -342,7 +378,33 @@ class BlockCache:
                 for key in [k for k in self.blocks if not self._pins[k]]:
                     if self.nbytes <= self.budget:
                         break
-                    self.nbytes -= self.blocks.pop(key).nbytes
+                    self._drop(key)
+
+    def _drop(self, key: BlockKey) -> None:
+        """Evict block ``key`` (caller holds the lock), keeping its memory for reuse.
+
+        Blocks and spares together never exceed the most the cache held at once (bounded by
+        the budget plus read-ahead): memory handed back to the kernel would cost page faults
+        again when touched, ~0.5 s a GiB or more here.
+        """
+        block = self.blocks.pop(key)
+        self.nbytes -= block.nbytes
+        self._spare.append(block)
+        self._spare_bytes += block.nbytes
+
+    def _take_spare(self, shape: tuple[int, ...]) -> NDArray[np.uint16] | None:
+        """Return kept memory for a block of ``shape`` (caller holds the lock), or None.
+
+        With none of that shape (fragments chunked differently), one spare is let go, so
+        the new block does not add to the memory held.
+        """
+        for i, block in enumerate(self._spare):
+            if block.shape == shape:
+                self._spare_bytes -= block.nbytes
+                return self._spare.pop(i)
+        if self._spare:
+            self._spare_bytes -= self._spare.pop(0).nbytes
+        return None
 
     def _check_fork(self) -> None:
         """In a forked child (a DataLoader worker) start afresh: no thread followed the fork."""
@@ -395,7 +457,7 @@ class BlockCache:
                 self._pins.update(keys)
                 job.pinned = i + 1
         try:
-            self._ensure(keys)
+            self._ensure(keys, job)
             f, y, x = job.plan[i]
             crop = self._cut(f, y, x, job.tile_px, keys)
             job.results[i].set_result(crop if job.transform is None else job.transform(f, crop))

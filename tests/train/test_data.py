@@ -176,6 +176,34 @@ def test_read_many_reads_ahead_equal_to_read_and_releases_blocks(tiny_store):
     assert not ahead._pins and not ahead._loading  # and the helper has stopped
 
 
+def test_evicted_memory_is_decoded_into_again_never_given_back(tiny_store, monkeypatch):
+    from inkpipe.pipeline.volume import ChunkReader
+
+    frags = open_fragments(tiny_store, ["1", "2"])
+    fresh = []
+    read_block = ChunkReader.read_block
+
+    def spy(self, zs, by, bx, out=None):
+        fresh.append(out is None)
+        return read_block(self, zs, by, bx, out)
+
+    monkeypatch.setattr(ChunkReader, "read_block", spy)
+    block = 12 * 64 * 64 * 2
+    cache = BlockCache([fr.volume for fr in frags], LayerRange(0, 12), budget_mb=5 * block / 2**20)
+    rng = np.random.default_rng(4)
+    crops = [
+        (int(f), int(rng.integers(0, 70)), int(rng.integers(0, 80)))
+        for f in rng.integers(0, 2, 60)
+    ]
+    for _ in range(3):
+        for i in range(0, len(crops), 8):
+            list(cache.read_many(crops[i : i + 8], 40, then=crops[i + 8 : i + 16]))
+    held = len(cache.blocks) + len(cache._spare)
+    assert cache.misses == len(fresh) > 3 * held  # blocks were decoded again and again...
+    assert sum(fresh) == held  # ...into memory allocated once and still held
+    assert held * block <= 1.25 * cache.budget + 4 * block  # the budget, read-ahead, one crop
+
+
 def test_read_ahead_errors_reach_the_reader(tiny_store, tmp_path):
     import shutil
 
@@ -195,7 +223,37 @@ def test_read_ahead_errors_reach_the_reader(tiny_store, tmp_path):
     assert not cache._loading
 
 
-@pytest.mark.parametrize("damage", ["truncate", "empty", "other size"])
+def test_chunks_stored_compressed_and_uncompressed_both_read_like_zarr(tiny_store, tmp_path):
+    import shutil
+
+    from numcodecs import blosc
+
+    from inkpipe.pipeline.volume import ChunkReader
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store)
+    rng = np.random.default_rng(5)
+    smooth = np.repeat(np.arange(4 * 64, dtype=np.uint16), 64).reshape(4, 64, 64)
+    noise = rng.integers(0, 65535, (4, 64, 64), dtype=np.uint16)
+    packed = {}
+    for name, data in {"0/0/0": smooth, "1/0/1": noise, "0/1/1": smooth + 7}.items():
+        packed[name] = blosc.compress(data, b"lz4", 5, blosc.SHUFFLE)
+        (store / "1" / "volume" / "c" / name).write_bytes(packed[name])
+    assert packed["0/0/0"][2] & 0x02 == 0 and len(packed["0/0/0"]) < smooth.nbytes  # compressed
+    assert packed["1/0/1"][2] & 0x02 and len(packed["1/0/1"]) == noise.nbytes + 16  # stored raw
+    frag = open_fragments(store, ["1"])[0]
+    reader = ChunkReader(frag.volume)
+    assert reader.root is not None  # the direct path, not zarr's
+    for zs in (slice(0, 8), slice(2, 7)):
+        for by, bx in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+            block = reader.read_block(zs, by, bx)
+            part = frag.volume[zs, by * 64 : by * 64 + 64, bx * 64 : bx * 64 + 64]
+            np.testing.assert_array_equal(block[:, : part.shape[1], : part.shape[2]], part)
+    np.testing.assert_array_equal(reader.read_block(slice(0, 4), 0, 0), smooth)
+    np.testing.assert_array_equal(reader.read_block(slice(4, 8), 0, 1), noise)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "other size", "raw too short"])
 def test_damaged_chunk_files_are_store_errors_not_crashes(tiny_store, tmp_path, damage):
     import shutil
 
@@ -209,10 +267,21 @@ def test_damaged_chunk_files_are_store_errors_not_crashes(tiny_store, tmp_path, 
         chunk.write_bytes(data[: len(data) // 2])
     elif damage == "empty":
         chunk.write_bytes(b"")
-    else:
+    elif damage == "other size":
         chunk.write_bytes(blosc.compress(np.zeros(100, np.uint16), b"lz4", 5, blosc.SHUFFLE))
+    else:  # flagged "stored uncompressed", with sizes that agree but too few data bytes
+        raw = blosc.compress(np.arange(4 * 64 * 64, dtype=np.uint16), b"lz4", 0, blosc.SHUFFLE)
+        assert raw[2] & 0x02
+        short = bytearray(raw[:-100])
+        short[12:16] = len(short).to_bytes(4, "little")
+        chunk.write_bytes(bytes(short))
     frag = open_fragments(store, ["1"])[0]
-    expect = {"truncate": "truncated", "empty": "not even a Blosc header", "other size": "200"}
+    expect = {
+        "truncate": "truncated",
+        "empty": "not even a Blosc header",
+        "other size": "200",
+        "raw too short": "stored uncompressed but has",
+    }
     with pytest.raises(StoreError, match=expect[damage]):
         BlockCache([frag.volume], LayerRange(3, 9), budget_mb=1).read(0, 0, 40, 32)
 
