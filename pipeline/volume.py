@@ -537,7 +537,8 @@ class BlockCache:
         """Yield the (k, tile, tile) uint16 crops at ``crops`` (fragment, y0, x0), in order.
 
         Two threads share the work. A helper thread decodes the missing blocks of coming
-        crops, in order, while this thread cuts the crops whose blocks are ready. The helper
+        crops, in order, while this thread cuts the crops whose blocks are ready (and, rather
+        than wait for a block the helper is decoding, decodes coming blocks too). Decoding
         runs at most a quarter of the budget ahead; blocks of crops ahead stay pinned until
         used. With ``transform``, ``transform(fragment, crop)`` is yielded instead of each
         crop (e.g. normalisation: it must be thread-safe and draw no random numbers, as
