@@ -186,7 +186,9 @@ train(TrainConfig(store=Path({str(store)!r}), out=out, layers=LayerRange({layers
     return secs, rss
 
 
-def quality(workdir: Path, minutes: float, size: tuple[int, int]) -> list[tuple]:
+def quality(
+    workdir: Path, minutes: float, size: tuple[int, int], models: tuple[str, ...]
+) -> list[tuple]:
     from inkpipe.infer.evaluate import EvaluateConfig, evaluate
     from inkpipe.infer.predict import PredictConfig, predict
     from inkpipe.pipeline.synth import SynthConfig, synthesize
@@ -215,7 +217,7 @@ def quality(workdir: Path, minutes: float, size: tuple[int, int]) -> list[tuple]
     )
     layers = LayerRange(22, 40)
     rows = []
-    for name in ("attention-unet", "unet"):
+    for name in models:
         run = data / f"run_{name}"
         import shutil
 
@@ -282,6 +284,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small fragment, short runs")
     ap.add_argument("--repeats", type=int, default=3, help="loader runs (median reported)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: loader,rss,quality")
+    ap.add_argument("--models", default="attention-unet,unet", help="quality: models to train")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     h, w = (1024, 1024) if args.quick else (8181, 6330)
@@ -344,7 +347,7 @@ def main() -> None:
     if "quality" not in skip:
         size = (384, 320) if args.quick else (768, 576)
         minutes = 0.5 if args.quick else args.minutes
-        rows = quality(args.workdir, minutes, size)
+        rows = quality(args.workdir, minutes, size, tuple(args.models.split(",")))
         print(
             f"\n### Quality: held-out synthetic test fragment {size[0]}x{size[1]} (ink contrast 1.2), {minutes:g} CPU min per model, tile 64, layers 22:40, flip TTA\n"
         )
