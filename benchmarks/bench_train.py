@@ -129,12 +129,14 @@ def stored_raw_fraction(store: Path) -> float:
 
     Those are read straight into the block cache (one copy); the others are decoded.
     """
+    from inkpipe.pipeline.volume import _BLOSC_HEADER, _BLOSC_MEMCPYED
+
     files = [p for p in store.glob("*/volume/c/*/*/*") if p.is_file()]
     raw = 0
     for path in files:
         with open(path, "rb") as fh:
-            head = fh.read(16)
-        raw += len(head) == 16 and bool(head[2] & 0x02)
+            head = fh.read(_BLOSC_HEADER)
+        raw += len(head) == _BLOSC_HEADER and bool(head[2] & _BLOSC_MEMCPYED)
     return raw / max(len(files), 1)
 
 

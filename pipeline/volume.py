@@ -230,7 +230,9 @@ def _header_problem(head: bytes, size: int, nbytes: int) -> str | None:
     if decoded != nbytes:
         return f"it decodes to {decoded} bytes, not the {nbytes} of a chunk"
     if head[2] & _BLOSC_MEMCPYED and size != _BLOSC_HEADER + nbytes:
-        return f"it says it is stored uncompressed but has {size} bytes, not {16 + nbytes}"
+        return (
+            f"it says it is stored uncompressed but has {size} bytes, not {_BLOSC_HEADER + nbytes}"
+        )
     return None
 
 
