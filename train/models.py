@@ -1,44 +1,38 @@
-"""Ink segmentation networks: a small attention U-Net and an smp U-Net, behind one factory.
+"""Ink segmentation networks behind one factory: which network is a small frozen value.
 
-Every model maps a batch of ``k`` contiguous CT layers to one ink logit map:
-``(B, k, H, W)`` float -> ``(B, 1, H, W)`` logits (apply a sigmoid for probabilities).
-The choice is a :class:`ModelSpec`, a small frozen value saved in checkpoints with
-:meth:`ModelSpec.to_dict` and read back with :meth:`ModelSpec.from_dict`.
+Every model maps a batch of ``k`` contiguous CT layers to one ink logit map at ``1 / s`` of
+the input resolution: ``(B, k, H, W)`` float -> ``(B, 1, H / s, W / s)`` logits, where ``s``
+is the spec's ``output_stride`` (apply a sigmoid for probabilities; prediction upsamples).
+The choice is a :class:`ModelSpec`, saved in checkpoints with :meth:`ModelSpec.to_dict` and
+read back with :meth:`ModelSpec.from_dict`.
 
-- ``attention-unet``: the original small network (3.1 M parameters at the default widths):
-  three encoder levels, a bottleneck at 1/8 resolution and three decoder levels whose skip
-  connections pass through additive attention gates (Oktay et al., 2018).
-- ``unet``: ``segmentation_models_pytorch.Unet`` with any smp encoder (``tu-<timm name>``
-  included) and scSE attention in the decoder. Its encoder can start from ImageNet weights
-  (downloaded by smp from the Hugging Face Hub) or from a local encoder state dict.
+- ``attention-unet``: the original small 2-D network (:mod:`inkpipe.train.nets`).
+- ``unet``: ``segmentation_models_pytorch.Unet`` with any smp encoder and scSE attention in
+  the decoder; ImageNet or local encoder weights (:mod:`inkpipe.train.weights`).
+- ``stem3d``: the Kaggle 2023 1st-place design, a 3-D stem max-pooled over depth in front of a
+  2-D network: the small built-in U-Net (``encoder="small"``) or an smp Unet encoder.
+- ``resnet3d``: the Grand Prize design, a torchvision video ResNet encoder whose per-scale
+  features are max-pooled over depth into a 2-D decoder (:mod:`inkpipe.train.nets3d`).
+
+For the 2-D networks a coarse output stride averages the full-resolution logits (no compute
+saved); the 3-D networks stride early and save most of their compute.
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import os
-import socket
-import urllib.error
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inkpipe.pipeline.errors import (
-    ConfigError,
-    InputNotFoundError,
-    InvalidInputError,
-    OfflineError,
-    check_choice,
-    closest,
-)
+from inkpipe.pipeline.errors import ConfigError, OfflineError, check_choice, closest
+
+from .nets import AttentionGate, AttentionUNet, DoubleConv
+from .nets3d import OUTPUT_STRIDES, VIDEO_RESNETS, DepthStem, SmallUNet, StemNet, VideoResNetUNet
+from .weights import build_smp_unet, check_encoder_name
 
 __all__ = [
     "MODEL_NAMES",
@@ -46,18 +40,22 @@ __all__ = [
     "AttentionUNet",
     "DoubleConv",
     "ModelSpec",
+    "OUTPUT_STRIDES",
     "build_model",
     "check_encoder_name",
     "count_parameters",
 ]
 
-MODEL_NAMES = ("attention-unet", "unet")
-
-# Seconds to wait for a TCP connection to the model hub before calling it offline. A refused
-# connection or a failed DNS lookup returns at once; only a silently dropping firewall waits.
-HUB_PROBE_TIMEOUT_S = 3.0
-
-_TRUE = {"1", "on", "yes", "true"}
+MODEL_NAMES = ("attention-unet", "unet", "stem3d", "resnet3d")
+# The encoder each model uses when none is named.
+DEFAULT_ENCODERS = {
+    "attention-unet": "efficientnet-b0",  # unused
+    "unet": "efficientnet-b0",
+    "stem3d": "small",
+    "resnet3d": "r3d_18",
+}
+SMALL_2D = "small"
+STEM_CHANNELS = (8, 16, 32)
 
 
 @dataclass(frozen=True)
@@ -65,12 +63,16 @@ class ModelSpec:
     """Which network to build, with its hyper-parameters.
 
     Attributes:
-        name: ``"attention-unet"`` (the original small network) or ``"unet"`` (smp).
+        name: one of :data:`MODEL_NAMES` (see the module docstring).
         in_channels: number of CT layers ``k`` in each input crop (>= 1).
-        encoder: smp encoder name (``smp.encoders.get_encoder_names()`` or
-            ``"tu-<timm model>"``); used by ``unet`` only.
+        encoder: ``unet``: an smp encoder name (``smp.encoders.get_encoder_names()`` or
+            ``"tu-<timm model>"``); ``stem3d``: ``"small"`` (built-in 2-D U-Net) or an smp
+            encoder; ``resnet3d``: one of ``r3d_18``, ``mc3_18``, ``r2plus1d_18``. None: the
+            model's default (:data:`DEFAULT_ENCODERS`).
         encoder_weights: ``"none"`` (random init), ``"imagenet"`` (downloaded by smp) or the
-            path of a local encoder state dict; ``unet`` only.
+            path of a local encoder state dict, for smp encoders; ``"kinetics"``
+            (downloaded by torchvision) for ``resnet3d``.
+        output_stride: the logits are at ``1 / output_stride`` of the input resolution.
         widths: channels of the three encoder levels of ``attention-unet``; the bottleneck has
             twice the last one.
         dropout_encoder: ``Dropout2d`` probability after each encoder pooling
@@ -81,8 +83,9 @@ class ModelSpec:
 
     name: str = "attention-unet"
     in_channels: int = 10
-    encoder: str = "efficientnet-b0"
+    encoder: str | None = None
     encoder_weights: str = "none"
+    output_stride: int = 1
     widths: tuple[int, int, int] = (40, 80, 160)
     dropout_encoder: float = 0.1
     dropout_decoder: float = 0.15
@@ -106,16 +109,33 @@ class ModelSpec:
                 "encoder_weights must be 'imagenet', 'none' or a path to a local encoder "
                 f"state dict, got {self.encoder_weights!r}"
             )
+        if self.encoder is None:
+            object.__setattr__(self, "encoder", DEFAULT_ENCODERS[self.name])
         if not isinstance(self.encoder, str):
             raise ConfigError(
                 f"encoder must be a name like 'efficientnet-b0', got {self.encoder!r}"
             )
-        if self.name == "unet":
-            check_encoder_name(self.encoder)
-        elif self.encoder_weights.lower() != "none":
+        if self.output_stride not in OUTPUT_STRIDES:
             raise ConfigError(
-                f"encoder weights '{self.encoder_weights}' need model 'unet'; attention-unet "
-                "has no pretrained encoder: pass --model unet or --encoder-weights none"
+                f"output stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got "
+                f"{self.output_stride!r}"
+            )
+        weights = self.encoder_weights.lower()
+        smp_encoder = self.name == "unet" or (self.name == "stem3d" and self.encoder != SMALL_2D)
+        if smp_encoder:
+            check_encoder_name(self.encoder)
+        elif self.name == "resnet3d":
+            check_choice("video ResNet encoder", self.encoder, VIDEO_RESNETS)
+            if weights not in ("none", "kinetics"):
+                raise ConfigError(
+                    f"encoder weights '{self.encoder_weights}' do not fit resnet3d: pass "
+                    "--encoder-weights kinetics (downloaded by torchvision) or none"
+                )
+        elif weights != "none":
+            raise ConfigError(
+                f"encoder weights '{self.encoder_weights}' need an smp encoder (--model unet, "
+                f"or stem3d with --encoder efficientnet-b0); {self.name} with encoder "
+                f"'{self.encoder}' has no pretrained encoder: pass --encoder-weights none"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,408 +171,6 @@ def _is_int(x: object) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# attention U-Net
-
-
-class DoubleConv(nn.Sequential):
-    """Two ``conv3x3 -> BatchNorm -> ReLU`` layers: ``(B, c_in, H, W) -> (B, c_out, H, W)``."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-
-
-class AttentionGate(nn.Module):
-    """Additive attention gate on a skip connection (Oktay et al., 2018).
-
-    The gating signal ``g`` (decoder features) and the skip features ``x`` (encoder features)
-    each go through a 1x1 conv to ``inter_channels``; their sum passes a ReLU, a 1x1 conv to
-    one channel and a sigmoid, giving a per-pixel multiplier ``alpha`` in (0, 1) that scales
-    ``x``. ``alpha`` is computed by :attr:`psi`, so a forward hook on it sees the multiplier.
-    """
-
-    def __init__(self, gate_channels: int, skip_channels: int, inter_channels: int) -> None:
-        super().__init__()
-        self.w_gate = nn.Sequential(
-            nn.Conv2d(gate_channels, inter_channels, 1, bias=False),
-            nn.BatchNorm2d(inter_channels),
-        )
-        self.w_skip = nn.Sequential(
-            nn.Conv2d(skip_channels, inter_channels, 1, bias=False),
-            nn.BatchNorm2d(inter_channels),
-        )
-        self.relu = nn.ReLU(inplace=True)
-        self.psi = nn.Sequential(
-            nn.Conv2d(inter_channels, 1, 1),
-            nn.BatchNorm2d(1),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Gate ``x`` (B, C_skip, H, W) with ``g`` (B, C_gate, h, w); returns ``x``'s shape."""
-        if g.shape[-2:] != x.shape[-2:]:
-            g = F.interpolate(g, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        alpha = self.psi(self.relu(self.w_gate(g) + self.w_skip(x)))
-        return x * alpha
-
-
-class _DecoderLevel(nn.Module):
-    """Upsample to the skip's size, gate the skip, concatenate, ``DoubleConv``, dropout."""
-
-    def __init__(self, in_channels: int, skip_channels: int, dropout: float) -> None:
-        super().__init__()
-        self.gate = AttentionGate(in_channels, skip_channels, max(1, skip_channels // 2))
-        self.conv = DoubleConv(in_channels + skip_channels, skip_channels)
-        self.drop = nn.Dropout2d(dropout)
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        # Upsampling to the skip's exact size (not a fixed x2) is what lets odd sizes through.
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        x = torch.cat([x, self.gate(x, skip)], dim=1)
-        return self.drop(self.conv(x))
-
-
-class AttentionUNet(nn.Module):
-    """The original small attention U-Net for ink detection.
-
-    Encoder: three levels of ``DoubleConv`` (``widths``, default 40 -> 80 -> 160 channels),
-    each followed by 2x2 max pooling and ``Dropout2d(dropout_encoder)``; a ``DoubleConv``
-    bottleneck with ``2 * widths[-1]`` (320) channels at 1/8 resolution. Decoder: three levels
-    of bilinear upsampling, an :class:`AttentionGate` on the skip connection, concatenation,
-    ``DoubleConv`` and ``Dropout2d(dropout_decoder)``. Head: 1x1 conv to one logit channel.
-
-    Input ``(B, k, H, W)`` float, any ``H, W >= 8`` (multiples of 8 avoid resampling; odd sizes
-    are handled by upsampling to each skip's size). Output ``(B, 1, H, W)`` logits.
-    """
-
-    def __init__(
-        self,
-        in_channels: int = 10,
-        widths: tuple[int, int, int] = (40, 80, 160),
-        dropout_encoder: float = 0.1,
-        dropout_decoder: float = 0.15,
-    ) -> None:
-        super().__init__()
-        w1, w2, w3 = widths
-        self.enc1 = DoubleConv(in_channels, w1)
-        self.enc2 = DoubleConv(w1, w2)
-        self.enc3 = DoubleConv(w2, w3)
-        self.bottleneck = DoubleConv(w3, 2 * w3)
-        self.pool = nn.MaxPool2d(2)
-        self.drop = nn.Dropout2d(dropout_encoder)
-        self.dec3 = _DecoderLevel(2 * w3, w3, dropout_decoder)
-        self.dec2 = _DecoderLevel(w3, w2, dropout_decoder)
-        self.dec1 = _DecoderLevel(w2, w1, dropout_decoder)
-        self.head = nn.Conv2d(w1, 1, 1)
-
-    @property
-    def gates(self) -> tuple[AttentionGate, AttentionGate, AttentionGate]:
-        """The attention gates on the skips, deepest first (1/4, 1/2, full resolution)."""
-        return (self.dec3.gate, self.dec2.gate, self.dec1.gate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map ``(B, k, H, W)`` float to ``(B, 1, H, W)`` ink logits."""
-        if x.shape[-1] < 8 or x.shape[-2] < 8:
-            raise ValueError(f"AttentionUNet needs H, W >= 8, got {tuple(x.shape[-2:])}")
-        s1 = self.enc1(x)
-        s2 = self.enc2(self.drop(self.pool(s1)))
-        s3 = self.enc3(self.drop(self.pool(s2)))
-        b = self.bottleneck(self.drop(self.pool(s3)))
-        y = self.dec3(b, s3)
-        y = self.dec2(y, s2)
-        y = self.dec1(y, s1)
-        return self.head(y)
-
-
-# --------------------------------------------------------------------------------------------
-# smp U-Net
-
-
-def check_encoder_name(encoder: str) -> str:
-    """Return ``encoder`` if smp can build it, else raise :class:`ConfigError` with a hint.
-
-    Valid names are ``smp.encoders.get_encoder_names()`` and ``"tu-<timm model name>"``.
-    """
-    if encoder.startswith("tu-"):
-        import timm
-
-        if timm.is_model(encoder[3:]):
-            return encoder
-        hint = _closest_names(encoder[3:], timm.list_models())
-        hint = [f"tu-{h}" for h in hint]
-    else:
-        names = smp.encoders.get_encoder_names()
-        if encoder in names:
-            return encoder
-        hint = _closest_names(encoder, names)
-    suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
-    similar = f" (similar: {', '.join(hint[1:])})" if len(hint) > 1 else ""
-    raise ConfigError(
-        f"unknown encoder '{encoder}'{suggestion}{similar}; choose a name from "
-        "segmentation_models_pytorch.encoders.get_encoder_names() or 'tu-<timm model>'"
-    )
-
-
-def _closest_names(given: str, names: list[str], n: int = 3) -> list[str]:
-    """Return up to ``n`` names most similar to ``given``; ties keep registry order.
-
-    ``difflib.get_close_matches`` breaks ties by reverse alphabetical order, which for
-    ``efficientnet-b9x`` suggests ``efficientnet-b7``; registry order suggests ``-b0`` first.
-    """
-    scored = []
-    for name in names:
-        m = difflib.SequenceMatcher(None, given, name)
-        if m.real_quick_ratio() >= 0.5 and m.quick_ratio() >= 0.5 and m.ratio() >= 0.5:
-            scored.append((m.ratio(), name))
-    scored.sort(key=lambda s: -s[0])  # stable: equal scores stay in registry order
-    return [name for _, name in scored[:n]]
-
-
-def _build_unet(spec: ModelSpec) -> nn.Module:
-    weights = spec.encoder_weights
-    if weights.lower() == "none":
-        return _smp_unet(spec.encoder, spec.in_channels, None)
-    if weights.lower() == "imagenet":
-        return _unet_from_hub(spec)
-    return _unet_from_file(spec, Path(weights).expanduser())
-
-
-def _smp_unet(encoder: str, in_channels: int, weights: str | bool | None) -> nn.Module:
-    return smp.Unet(
-        encoder_name=encoder,
-        encoder_weights=weights,  # type: ignore[arg-type]  # smp takes True for tu- encoders
-        in_channels=in_channels,
-        classes=1,
-        decoder_attention_type="scse",
-    )
-
-
-def _offline_message(encoder: str) -> str:
-    return (
-        f"could not download imagenet weights for {encoder} (offline?): pass --encoder-weights "
-        "PATH to a local encoder state dict, or --encoder-weights none"
-    )
-
-
-def _unet_from_hub(spec: ModelSpec) -> nn.Module:
-    """Build the smp U-Net with ImageNet encoder weights, failing fast when offline.
-
-    smp downloads with ``huggingface_hub``, which offline retries for about 23 s before
-    giving up. So first decide whether the hub is usable: ``HF_HUB_OFFLINE`` (read now, not
-    just when ``huggingface_hub`` was imported) or a quick TCP probe of the hub endpoint. If
-    not, the download runs in the hub's offline mode: weights already in the local cache still
-    load, missing ones fail at once and become an :class:`OfflineError`.
-    """
-    import huggingface_hub.errors as hf_errors
-
-    encoder = spec.encoder
-    if not encoder.startswith("tu-"):
-        available = list(smp.encoders.encoders[encoder]["pretrained_settings"])
-        if "imagenet" not in available:
-            raise ConfigError(
-                f"encoder '{encoder}' has no imagenet weights in smp (it has: "
-                f"{', '.join(available) or 'none'}): pass --encoder-weights PATH or none"
-            )
-    offline = _hub_offline_requested() or not _hub_reachable()
-    network_errors: tuple[type[BaseException], ...] = (
-        hf_errors.LocalEntryNotFoundError,
-        hf_errors.OfflineModeIsEnabled,
-        ConnectionError,
-        TimeoutError,
-        socket.gaierror,
-        urllib.error.URLError,
-    )
-    with contextlib.suppress(ImportError):
-        import httpx2
-
-        network_errors += (httpx2.TransportError,)
-    # smp warns unless tu- encoders get a bool: their pretrained tag is part of the name.
-    weights: str | bool = True if encoder.startswith("tu-") else "imagenet"
-    try:
-        with _hub_offline_mode(offline):
-            return _smp_unet(encoder, spec.in_channels, weights)
-    except network_errors as exc:
-        raise OfflineError(_offline_message(encoder)) from exc
-
-
-def _hub_offline_requested() -> bool:
-    """Return whether ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` asks for offline mode."""
-    from huggingface_hub import constants
-
-    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip()
-    return env.lower() in _TRUE or bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Return whether a TCP connection to the Hugging Face Hub endpoint opens in time.
-
-    Behind a proxy a direct connection says nothing, so this answers True and lets the hub
-    client decide.
-    """
-    from huggingface_hub import constants
-
-    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
-    if any(os.environ.get(name) for name in proxies):
-        return True
-    url = urlparse(constants.ENDPOINT)  # what the hub client will use (HF_ENDPOINT at import)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (80 if url.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _hub_offline_mode(enabled: bool) -> Iterator[None]:
-    """Put ``huggingface_hub`` in offline mode for the duration, if ``enabled``.
-
-    ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once at import into
-    ``constants.HF_HUB_OFFLINE`` and consults that constant on every request, so setting the
-    environment variable later has no effect; the constant is what must change.
-    """
-    if not enabled:
-        yield
-        return
-    from huggingface_hub import constants
-
-    previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
-
-
-def _unet_from_file(spec: ModelSpec, path: Path) -> nn.Module:
-    """Build the smp U-Net with its encoder loaded from a local state dict.
-
-    The encoder is built for 3 input channels, loaded, then adapted to ``k`` channels the way
-    smp adapts ImageNet weights (``set_in_channels(k, pretrained=True)``: the 3-channel kernel
-    is tiled over the ``k`` inputs and scaled by ``3 / k``; for ``k = 1`` summed). A state dict
-    whose first conv already takes ``k`` channels is loaded as is.
-    """
-    if not path.is_file():
-        raise InputNotFoundError(
-            f"encoder weights file not found: {path}; pass --encoder-weights PATH to a local "
-            "encoder state dict, imagenet or none"
-        )
-    state = _read_encoder_state(path)
-    model = _smp_unet(spec.encoder, 3, None)
-    encoder = model.get_submodule("encoder")
-    k = spec.in_channels
-    first = _first_conv_name(encoder)
-    first_key = f"{first}.weight" if first is not None else None
-    state_in = None
-    if first_key is not None and first_key in state and state[first_key].ndim == 4:
-        state_in = int(state[first_key].shape[1])
-    already_k = k != 3 and state_in == k
-    if already_k:
-        _set_in_channels(encoder, k, pretrained=False)
-    _check_state_fits(encoder, state, path, spec.encoder)
-    encoder.load_state_dict(state)
-    if not already_k:
-        _set_in_channels(encoder, k, pretrained=True)
-    return model
-
-
-def _read_encoder_state(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict (``torch.save`` or ``.safetensors``) and select the encoder part.
-
-    Accepts a raw state dict or a checkpoint dict holding it under ``"state_dict"`` or
-    ``"model"``; strips a ``"module."`` prefix (DataParallel); if keys start with
-    ``"encoder."`` (a whole smp model), keeps only those, without the prefix.
-    """
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch/pickle/safetensors raise many unrelated types
-        raise InvalidInputError(
-            f"cannot read encoder weights {path}: {exc}; expected a state dict saved with "
-            "torch.save(model.encoder.state_dict(), PATH) or a .safetensors file"
-        ) from None
-    for _ in range(2):
-        if isinstance(obj, Mapping):
-            inner = next((obj[key] for key in ("state_dict", "model") if key in obj), None)
-            if isinstance(inner, Mapping):
-                obj = inner
-    if not isinstance(obj, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        raise InvalidInputError(
-            f"encoder weights {path} hold no state dict (a mapping of names to tensors); save "
-            "one with torch.save(model.encoder.state_dict(), PATH)"
-        )
-    state = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
-    if any(k.startswith("encoder.") for k in state):
-        state = {k[8:]: v for k, v in state.items() if k.startswith("encoder.")}
-    return state
-
-
-def _first_conv_name(encoder: nn.Module) -> str | None:
-    """Name of the first 3-input-channel conv, the one smp's ``patch_first_conv`` adapts."""
-    for name, module in encoder.named_modules():
-        if isinstance(module, nn.Conv2d) and module.in_channels == 3:
-            return name
-    return None
-
-
-def _set_in_channels(encoder: nn.Module, k: int, pretrained: bool) -> None:
-    """Adapt the encoder's first conv from 3 to ``k`` input channels."""
-    set_in_channels = getattr(encoder, "set_in_channels", None)
-    if callable(set_in_channels):
-        set_in_channels(k, pretrained=pretrained)
-        return
-    # timm universal ("tu-") encoders lack set_in_channels; use the same smp helper.
-    if k == 3:
-        return
-    from segmentation_models_pytorch.encoders._utils import patch_first_conv
-
-    patch_first_conv(encoder, new_in_channels=k, pretrained=pretrained)
-    setattr(encoder, "_in_channels", k)  # noqa: B010  # a private attribute of smp's encoders
-    out_channels = getattr(encoder, "_out_channels", None)
-    if isinstance(out_channels, list) and out_channels and out_channels[0] == 3:
-        out_channels[0] = k
-
-
-def _check_state_fits(
-    encoder: nn.Module, state: Mapping[str, torch.Tensor], path: Path, name: str
-) -> None:
-    """Raise :class:`ConfigError` naming the first mismatching keys if ``state`` won't load."""
-    expected = encoder.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
-        if items:
-            more = f", +{len(items) - 3} more" if len(items) > 3 else ""
-            problems.append(f"{len(items)} {label} ({', '.join(items[:3])}{more})")
-    if problems:
-        raise ConfigError(
-            f"encoder weights {path} do not fit encoder '{name}': {'; '.join(problems)}; "
-            "pass the state dict of the same encoder (e.g. model.encoder.state_dict())"
-        )
-
-
-# --------------------------------------------------------------------------------------------
 # factory
 
 
@@ -567,8 +185,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
         spec: the model choice and its hyper-parameters.
 
     Returns:
-        A module mapping ``(B, k, H, W)`` float to ``(B, 1, H, W)`` logits. The smp ``unet``
-        needs ``H, W`` divisible by 32 (224 is); ``attention-unet`` takes any ``H, W >= 8``.
+        A module mapping ``(B, k, H, W)`` float to ``(B, 1, H / s, W / s)`` logits
+        (``s = spec.output_stride``). ``H, W`` must be divisible by :func:`tile_multiple`.
 
     Raises:
         ConfigError: unknown encoder, no imagenet weights for it, or a weights file that
@@ -577,14 +195,80 @@ def build_model(spec: ModelSpec) -> nn.Module:
         InvalidInputError: the encoder weights file is not a readable state dict.
         OfflineError: ImageNet weights are needed, not cached, and the hub is unreachable.
     """
+    assert spec.encoder is not None  # set by ModelSpec.__post_init__
+    s = spec.output_stride
     if spec.name == "attention-unet":
-        return AttentionUNet(
+        net: nn.Module = AttentionUNet(
             in_channels=spec.in_channels,
             widths=spec.widths,
             dropout_encoder=spec.dropout_encoder,
             dropout_decoder=spec.dropout_decoder,
         )
-    return _build_unet(spec)
+        return net if s == 1 else CoarseLogits(net, s)
+    if spec.name == "unet":
+        net = build_smp_unet(spec.encoder, spec.in_channels, spec.encoder_weights)
+        return net if s == 1 else CoarseLogits(net, s)
+    if spec.name == "stem3d":
+        stem = DepthStem(STEM_CHANNELS, stride=min(s, 2 ** len(STEM_CHANNELS)))
+        net2d = (
+            SmallUNet(stem.out_channels)
+            if spec.encoder == SMALL_2D
+            else build_smp_unet(spec.encoder, stem.out_channels, spec.encoder_weights)
+        )
+        return StemNet(stem, net2d, s)
+    return VideoResNetUNet(spec.encoder, s, weights=_video_weights(spec))
+
+
+def tile_multiple(spec: ModelSpec) -> int:
+    """Return the number a tile side must be divisible by for ``spec``'s network.
+
+    smp encoders downsample 32x (behind a 3-D stem of stride ``t``: ``32 t``); the other
+    networks need the output stride to divide the tile, and their own poolings (8 for the
+    attention U-Net, 4 for the small U-Net behind the stem, 16 for the video ResNets).
+    """
+    s = spec.output_stride
+    if spec.name == "unet":
+        return max(32, s)
+    if spec.name == "attention-unet":
+        return max(8, s)
+    if spec.name == "stem3d":
+        stem_stride = min(s, 2 ** len(STEM_CHANNELS))
+        return stem_stride * (32 if spec.encoder != SMALL_2D else 4) * (s // stem_stride)
+    return max(16, s)
+
+
+class CoarseLogits(nn.Module):
+    """Average a full-resolution network's logits over ``stride x stride`` cells.
+
+    ``(B, k, H, W) -> (B, 1, H / stride, W / stride)``; the wrapped network is ``.net``.
+    """
+
+    def __init__(self, net: nn.Module, stride: int) -> None:
+        super().__init__()
+        self.net, self.stride = net, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the pooled logits of ``self.net(x)``."""
+        return F.avg_pool2d(self.net(x), self.stride)
+
+
+def _video_weights(spec: ModelSpec) -> object | None:
+    """Return torchvision's Kinetics-400 weights for ``spec``, or None; fail fast offline."""
+    if spec.encoder_weights.lower() == "none":
+        return None
+    import urllib.error
+
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(spec.encoder).KINETICS400_V1  # type: ignore[attr-defined]
+    try:
+        weights.get_state_dict(progress=False)  # downloads once into the torch hub cache
+    except (urllib.error.URLError, OSError) as exc:
+        raise OfflineError(
+            f"could not download kinetics weights for {spec.encoder} (offline?): put them in "
+            "the torch hub cache ($TORCH_HOME/hub/checkpoints) or pass --encoder-weights none"
+        ) from exc
+    return weights
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from inkpipe.pipeline.errors import ConfigError, InputNotFoundError, OfflineError
-from inkpipe.train import models
+from inkpipe.train import models, weights
 from inkpipe.train.models import (
     MODEL_NAMES,
     AttentionGate,
@@ -207,7 +207,7 @@ def test_spec_from_dict_rejects_unknown_keys() -> None:
         ({"in_channels": 0}, "in_channels"),
         ({"widths": (40, 80)}, "widths"),
         ({"dropout_decoder": 1.0}, "dropout_decoder"),
-        ({"encoder_weights": "imagenet"}, "need model 'unet'"),
+        ({"encoder_weights": "imagenet"}, "need an smp encoder"),
         ({"name": "unet", "encoder_weights": ""}, "encoder_weights"),
     ],
 )
@@ -317,7 +317,7 @@ def test_imagenet_unreachable_hub_fails_fast(empty_hub_cache, monkeypatch) -> No
     monkeypatch.setattr(empty_hub_cache, "HF_HUB_OFFLINE", False)
     # the discard port: nothing listens, so the connection is refused at once
     monkeypatch.setattr(empty_hub_cache, "ENDPOINT", "http://127.0.0.1:9")
-    assert models._hub_reachable(timeout_s=2.0) is False
+    assert weights._hub_reachable(timeout_s=2.0) is False
     start = time.monotonic()
     with deadline(60), pytest.raises(OfflineError, match="offline"):
         build_model(_unet_spec(encoder_weights="imagenet"))
