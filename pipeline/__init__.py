@@ -1,4 +1,4 @@
-"""inkpipe.pipeline: the data contract — fragments, manifest, the Zarr store, ingest, the CLI.
+"""inkpipe.pipeline: the data contract — fragments, manifest, the Zarr store, ingest, windows.
 
 Axis order is (z, y, x) everywhere: z is the CT layer (slice) index, y the image row, x the
 image column. ``train`` and ``infer`` import this package; it imports neither of them.

@@ -1,16 +1,11 @@
 import csv
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from inkpipe.pipeline.cli import cli
 from inkpipe.pipeline.errors import ConfigError, TrainingError
 from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.layers import LayerRange
@@ -177,86 +172,3 @@ def test_both_models_and_losses_train(tiny_store, tmp_path):
     # the smp Unet needs multiples of 32: the tiny store's tile is 32
     (res,) = train(cfg, log=quiet)
     assert load_checkpoint(res.best_path).model.name == "unet"
-
-
-def test_train_cli(tiny_store, tmp_path):
-    out = tmp_path / "cli"
-    args = [
-        "train",
-        "--store",
-        str(tiny_store),
-        "--out",
-        str(out),
-        "--layers",
-        "2:6",
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "1",
-        "--batch-size",
-        "2",
-        "--val",
-        "patches:2",
-        "--quiet",
-    ]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    assert "best val F0.5" in result.output and (out / "best.pt").is_file()
-    result = CliRunner().invoke(cli, [*args[:5], "--layers", "38:28"])
-    assert result.exit_code == 1 and "START:STOP" in result.output
-    assert "Traceback" not in result.output
-
-
-def test_damaged_store_chunk_in_a_loader_worker_is_one_line(tiny_store, tmp_path):
-    import shutil
-
-    store = tmp_path / "store.zarr"
-    shutil.copytree(tiny_store, store)
-    for chunk in store.glob("*/volume/c/**/*"):
-        if chunk.is_file():
-            chunk.write_bytes(chunk.read_bytes()[:40])  # every volume chunk truncated
-    args = ["train", "--store", str(store), "--out", str(tmp_path / "run"), "--layers", "2:6"]
-    args += ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--val", "patches:2"]
-    result = CliRunner().invoke(cli, [*args, "--workers", "2", "--quiet"])
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert lines[0].startswith("training ") and len(lines) == 2, result.output
-    assert "Traceback" not in result.output and "DataLoader" not in result.output
-    assert lines[1].startswith("Error: store chunk file ") and "is damaged" in lines[1]
-    assert lines[1].endswith("--overwrite`")
-
-
-def test_ddp_on_cpu_with_two_processes(tiny_store, tmp_path):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29517",
-        "-m",
-        "inkpipe.pipeline.cli",
-        "train",
-        "--store",
-        str(tiny_store),
-        "--out",
-        str(out),
-        "--layers",
-        "2:6",
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "2",
-        "--batch-size",
-        "2",
-        "--val",
-        "patches:2",
-        "--quiet",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert len(rows) == 1 and load_checkpoint(out / "best.pt").layers == LayerRange(2, 6)

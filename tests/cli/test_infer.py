@@ -8,8 +8,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from inkpipe.cli import cli
 from inkpipe.infer.rle import decode_rle, encode_rle, read_submission, write_submission
-from inkpipe.pipeline.cli import cli
 from inkpipe.pipeline.images import read_gray
 from inkpipe.pipeline.layers import LayerRange
 from inkpipe.train.checkpoint import checkpoint_payload, save_checkpoint

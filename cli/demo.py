@@ -2,7 +2,9 @@
 
 Synthesize training and test fragments, ingest them, train the small Attention-UNet for a
 time budget, predict the test fragment, score it against its hidden truth, and print F0.5
-with the paths of the pictures. It calls the same functions as the individual commands.
+with the paths of the pictures. A recipe above the three stages: it calls the same public
+functions as the individual commands (``synthesize``, ``ingest``, ``train``, ``predict``,
+``evaluate``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from pathlib import Path
 
 import click
 
+from inkpipe.infer.evaluate import EvaluateConfig, EvaluationReport, evaluate
+from inkpipe.infer.predict import FragmentPrediction, PredictConfig, predict
+from inkpipe.pipeline.errors import ConfigError
 from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.store import StoreSettings
@@ -23,8 +28,7 @@ from inkpipe.train.config import TrainConfig, parse_validation
 from inkpipe.train.loop import train
 from inkpipe.train.models import ModelSpec
 
-from .evaluate import EvaluateConfig, EvaluationReport, evaluate
-from .predict import FragmentPrediction, PredictConfig, predict
+from .options import default_of
 
 
 @dataclass(frozen=True)
@@ -153,18 +157,36 @@ def demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     return DemoResult(report, predictions, submission, result.best_path, time.perf_counter() - t0)
 
 
-@click.command("demo")
+@click.command(
+    "demo", short_help="Synthesize data, ingest, train, predict and score: the whole job on CPU."
+)
 @click.option(
     "--workdir",
-    default=Path("inkpipe-demo"),
+    default=default_of(DemoConfig, "workdir"),
     show_default=True,
     type=click.Path(path_type=Path),
     help="Folder for everything the demo writes.",
 )
-@click.option("--minutes", default=4.0, show_default=True, help="Training time budget.")
-@click.option("--size", default="512x384", show_default=True, help="Fragment size HxW.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
+@click.option(
+    "--minutes",
+    type=float,
+    default=default_of(DemoConfig, "minutes"),
+    show_default=True,
+    help="Training time budget.",
+)
+@click.option(
+    "--size",
+    default=f"{default_of(DemoConfig, 'height_px')}x{default_of(DemoConfig, 'width_px')}",
+    show_default=True,
+    help="Fragment size HxW.",
+)
+@click.option("--seed", type=int, default=default_of(DemoConfig, "seed"), show_default=True)
+@click.option(
+    "--device",
+    default=default_of(DemoConfig, "device"),
+    show_default=True,
+    type=click.Choice(DEVICES),
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_command(
     workdir: Path, minutes: float, size: str, seed: int, device: str, quiet: bool
@@ -173,8 +195,6 @@ def demo_command(
 
     Re-running reuses what is already done (fragments, store) and continues training.
     """
-    from inkpipe.pipeline.errors import ConfigError
-
     try:
         height, width = (int(v) for v in size.lower().split("x"))
     except ValueError:

@@ -7,15 +7,16 @@ from pathlib import Path
 import click
 
 from inkpipe.pipeline.layers import parse_layers
+from inkpipe.train.augment import AUG_LEVELS
+from inkpipe.train.checkpoint import DEVICES
+from inkpipe.train.config import TrainConfig, parse_validation
+from inkpipe.train.losses import LOSS_NAMES, LossSpec
+from inkpipe.train.models import MODEL_NAMES, ModelSpec
 
-from .augment import AUG_LEVELS
-from .checkpoint import DEVICES
-from .config import TrainConfig, parse_validation
-from .losses import LOSS_NAMES, LossSpec
-from .models import MODEL_NAMES, ModelSpec
+from .options import default_of
 
 
-@click.command("train")
+@click.command("train", short_help="Train a model on crops streamed from a store.")
 @click.option(
     "--store",
     required=True,
@@ -31,7 +32,7 @@ from .models import MODEL_NAMES, ModelSpec
 )
 @click.option(
     "--layers",
-    default="28:38",
+    default=str(default_of(TrainConfig, "layers")),
     show_default=True,
     help="Contiguous CT layers START:STOP used as input channels (k = STOP - START).",
 )
@@ -43,77 +44,133 @@ from .models import MODEL_NAMES, ModelSpec
 )
 @click.option(
     "--model",
-    default="attention-unet",
+    default=default_of(ModelSpec, "name"),
     show_default=True,
     type=click.Choice(MODEL_NAMES),
     help="attention-unet: the small original network; unet: smp Unet with --encoder.",
 )
 @click.option(
     "--encoder",
-    default="efficientnet-b0",
+    default=default_of(ModelSpec, "encoder"),
     show_default=True,
     help="smp encoder of --model unet (any smp encoder name).",
 )
 @click.option(
     "--encoder-weights",
-    default="none",
+    default=default_of(ModelSpec, "encoder_weights"),
     show_default=True,
     help="imagenet (download through smp, needs network), none, or PATH to a local "
     "encoder state dict (its first convolution is adapted to k channels).",
 )
-@click.option("--loss", default="bce+dice", show_default=True, type=click.Choice(LOSS_NAMES))
-@click.option("--focal-alpha", default=0.25, show_default=True, help="Focal loss alpha.")
-@click.option("--focal-gamma", default=2.0, show_default=True, help="Focal loss gamma.")
-@click.option("--label-smoothing", default=0.0, show_default=True, help="BCE label smoothing.")
+@click.option(
+    "--loss", default=default_of(LossSpec, "name"), show_default=True, type=click.Choice(LOSS_NAMES)
+)
+@click.option(
+    "--focal-alpha",
+    type=float,
+    default=default_of(LossSpec, "focal_alpha"),
+    show_default=True,
+    help="Focal loss alpha.",
+)
+@click.option(
+    "--focal-gamma",
+    type=float,
+    default=default_of(LossSpec, "focal_gamma"),
+    show_default=True,
+    help="Focal loss gamma.",
+)
+@click.option(
+    "--label-smoothing",
+    type=float,
+    default=default_of(LossSpec, "label_smoothing"),
+    show_default=True,
+    help="BCE label smoothing.",
+)
 @click.option(
     "--aug",
-    default="full",
+    default=default_of(TrainConfig, "aug"),
     show_default=True,
     type=click.Choice(AUG_LEVELS),
     help="none; light = flips + rot90; full = light + brightness/contrast, affine, cut-out.",
 )
-@click.option("--epochs", default=20, show_default=True)
-@click.option("--steps-per-epoch", default=100, show_default=True, help="Batches per epoch.")
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate (AdamW).")
-@click.option("--weight-decay", default=3e-5, show_default=True)
-@click.option("--warmup-steps", default=100, show_default=True, help="Linear warm-up steps.")
+@click.option("--epochs", type=int, default=default_of(TrainConfig, "epochs"), show_default=True)
+@click.option(
+    "--steps-per-epoch",
+    type=int,
+    default=default_of(TrainConfig, "steps_per_epoch"),
+    show_default=True,
+    help="Batches per epoch.",
+)
+@click.option(
+    "--batch-size", type=int, default=default_of(TrainConfig, "batch_size"), show_default=True
+)
+@click.option(
+    "--lr",
+    type=float,
+    default=default_of(TrainConfig, "lr"),
+    show_default=True,
+    help="Peak learning rate (AdamW).",
+)
+@click.option(
+    "--weight-decay",
+    type=float,
+    default=default_of(TrainConfig, "weight_decay"),
+    show_default=True,
+)
+@click.option(
+    "--warmup-steps",
+    type=int,
+    default=default_of(TrainConfig, "warmup_steps"),
+    show_default=True,
+    help="Linear warm-up steps.",
+)
 @click.option(
     "--restart-epochs",
-    default=10,
+    type=int,
+    default=default_of(TrainConfig, "restart_epochs"),
     show_default=True,
     help="Period of the cosine warm restarts, in epochs.",
 )
-@click.option("--grad-clip", default=1.0, show_default=True, help="Max gradient norm (0: off).")
+@click.option(
+    "--grad-clip",
+    type=float,
+    default=default_of(TrainConfig, "grad_clip"),
+    show_default=True,
+    help="Max gradient norm (0: off).",
+)
 @click.option(
     "--pos-fraction",
-    default=0.5,
+    type=float,
+    default=default_of(TrainConfig, "pos_fraction"),
     show_default=True,
     help="Share of crops drawn from windows with ink.",
 )
 @click.option(
     "--jitter",
     "jitter_px",
-    default=32,
+    type=int,
+    default=default_of(TrainConfig, "jitter_px"),
     show_default=True,
     help="Random shift of crops around their window, px.",
 )
 @click.option(
     "--hard-negatives",
-    default=0.0,
+    type=float,
+    default=default_of(TrainConfig, "hard_negatives"),
     show_default=True,
     help="Keep this fraction of the highest-loss negatives as the negative pool, "
     "re-mined before each epoch (e.g. 0.4; 0 = off).",
 )
 @click.option(
     "--hard-negative-sample",
-    default=256,
+    type=int,
+    default=default_of(TrainConfig, "hard_negative_sample"),
     show_default=True,
     help="Negative windows scored for mining.",
 )
 @click.option(
     "--val",
-    default="patches:64",
+    default=str(default_of(TrainConfig, "val")),
     show_default=True,
     help="patches:N (N held-out windows, excluded from training), fragment:ID, or none.",
 )
@@ -121,21 +178,33 @@ from .models import MODEL_NAMES, ModelSpec
     "--val-stride",
     "val_stride_px",
     type=int,
-    default=None,
+    default=default_of(TrainConfig, "val_stride_px"),
     help="Grid stride of fragment validation, px [tile/2].",
 )
 @click.option(
     "--folds",
     type=click.Choice(["loo"]),
-    default=None,
+    default=default_of(TrainConfig, "folds"),
     help="loo: one model per labelled fragment held out, in OUT/fold_<id>/.",
 )
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
-@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--seed", type=int, default=default_of(TrainConfig, "seed"), show_default=True)
+@click.option(
+    "--device",
+    default=default_of(TrainConfig, "device"),
+    show_default=True,
+    type=click.Choice(DEVICES),
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=default_of(TrainConfig, "workers"),
+    show_default=True,
+    help="DataLoader worker processes.",
+)
 @click.option(
     "--cache-mb",
-    default=1024.0,
+    type=float,
+    default=default_of(TrainConfig, "cache_mb"),
     show_default=True,
     help="Budget of the decoded-chunk cache (split between workers).",
 )
@@ -143,7 +212,7 @@ from .models import MODEL_NAMES, ModelSpec
 @click.option(
     "--max-minutes",
     type=float,
-    default=None,
+    default=default_of(TrainConfig, "max_minutes"),
     help="Stop after the epoch that passes this time budget.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -167,10 +236,10 @@ def train_command(
 
     Crops of the chosen layers are read straight from the Zarr store through a bounded
     chunk cache, so memory does not grow with the fragment size or the layer count.
-    Launched under torchrun (e.g. torchrun --nproc-per-node 2 -m inkpipe.pipeline.cli
-    train ...) it trains with DistributedDataParallel.
+    Launched under torchrun (e.g. torchrun --nproc-per-node 2 -m inkpipe.cli train ...)
+    it trains with DistributedDataParallel.
     """
-    from .loop import train
+    from inkpipe.train.loop import train
 
     layer_range = parse_layers(layers)
     cfg = TrainConfig(

@@ -1,7 +1,7 @@
 from click.testing import CliRunner
 
+from inkpipe.cli import cli
 from inkpipe.infer.rle import read_submission
-from inkpipe.pipeline.cli import cli
 
 
 def test_demo_runs_end_to_end(tmp_path):

@@ -1,8 +1,4 @@
-"""``inkpipe predict`` and ``inkpipe evaluate``: parse options into a config, call one function.
-
-Loaded lazily by the group in :mod:`inkpipe.pipeline.cli`, which also turns every
-:class:`~inkpipe.pipeline.errors.InkpipeError` into a one-line ``Error: …`` and exit code 1.
-"""
+"""``inkpipe predict`` and ``inkpipe evaluate``: parse options into a config, call one function."""
 
 from __future__ import annotations
 
@@ -10,12 +6,14 @@ from pathlib import Path
 
 import click
 
-from .evaluate import EvaluateConfig, evaluate
-from .predict import DEVICES, PredictConfig, format_predictions, predict
-from .tta import TTA_MODES
+from inkpipe.infer.evaluate import EvaluateConfig, evaluate
+from inkpipe.infer.predict import DEVICES, PredictConfig, format_predictions, predict
+from inkpipe.infer.tta import TTA_MODES
+
+from .options import default_of
 
 
-@click.command("predict")
+@click.command("predict", short_help="Predict ink on fragments; write submission.csv and pictures.")
 @click.argument("fragments", nargs=-1, required=True)
 @click.option(
     "--checkpoint",
@@ -35,20 +33,21 @@ from .tta import TTA_MODES
 @click.option(
     "--store",
     type=click.Path(path_type=Path),
-    default=None,
+    default=default_of(PredictConfig, "store"),
     help="Predict fragments already ingested in this store; FRAGMENT are then fragment ids. "
     "Without it, FRAGMENT are fragment folders, ingested into OUT/.ingest.zarr first.",
 )
 @click.option(
     "--overlap",
-    default=0.5,
+    type=float,
+    default=default_of(PredictConfig, "overlap"),
     show_default=True,
     help="Fraction of a tile shared by neighbouring windows, 0…0.95 (stride = tile x (1 - "
     "overlap)).",
 )
 @click.option(
     "--tta",
-    default="flips",
+    default=default_of(PredictConfig, "tta"),
     show_default=True,
     type=click.Choice(TTA_MODES),
     help="Test-time augmentation: none (1 pass), flips (4 passes), flips+rot90 (8 passes).",
@@ -56,33 +55,48 @@ from .tta import TTA_MODES
 @click.option(
     "--threshold",
     type=float,
-    default=None,
+    default=default_of(PredictConfig, "threshold"),
     help="Ink where probability >= THRESHOLD, 0…1. Default: the mean of the checkpoints' "
     "validation thresholds.",
 )
 @click.option(
     "--open-px",
-    default=1,
+    type=int,
+    default=default_of(PredictConfig, "open_px"),
     show_default=True,
     help="Radius of the morphological opening that removes specks, px (0: off).",
 )
 @click.option(
     "--min-area",
-    default=0,
+    type=int,
+    default=default_of(PredictConfig, "min_area"),
     show_default=True,
     help="Drop ink blobs smaller than this many pixels (0: keep all).",
 )
-@click.option("--batch-size", default=16, show_default=True, help="Windows per model call.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
+@click.option(
+    "--batch-size",
+    type=int,
+    default=default_of(PredictConfig, "batch_size"),
+    show_default=True,
+    help="Windows per model call.",
+)
+@click.option(
+    "--device",
+    default=default_of(PredictConfig, "device"),
+    show_default=True,
+    type=click.Choice(DEVICES),
+)
 @click.option(
     "--cache-mb",
-    default=512.0,
+    type=float,
+    default=default_of(PredictConfig, "cache_mb"),
     show_default=True,
     help="Budget of the decoded-chunk cache, MB.",
 )
 @click.option(
     "--canvas-budget-mb",
-    default=1024.0,
+    type=float,
+    default=default_of(PredictConfig, "canvas_budget_mb"),
     show_default=True,
     help="Blend canvases above this many MB are memory-mapped in a temporary folder in OUT.",
 )
@@ -134,7 +148,7 @@ def predict_command(
     click.echo(format_predictions(results, out))
 
 
-@click.command("evaluate")
+@click.command("evaluate", short_help="Score a submission CSV against ink labels (F0.5).")
 @click.argument("submission", type=click.Path(path_type=Path))
 @click.option(
     "--labels",
@@ -144,7 +158,8 @@ def predict_command(
 )
 @click.option(
     "--beta",
-    default=0.5,
+    type=float,
+    default=default_of(EvaluateConfig, "beta"),
     show_default=True,
     help="F-beta weight of recall; the competition scored F0.5.",
 )

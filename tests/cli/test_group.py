@@ -1,6 +1,12 @@
+import subprocess
+import sys
+
+import click
+import pytest
 from click.testing import CliRunner
 
-from inkpipe.pipeline.cli import cli
+from inkpipe.cli import cli
+from inkpipe.cli.group import COMMANDS, one_line
 from inkpipe.pipeline.store import open_fragments
 
 
@@ -69,3 +75,30 @@ def test_ctrl_c_is_a_short_message_and_exit_130(fragments_dir, tmp_path, monkeyp
     assert result.exit_code == 130
     assert "interrupted; finished work is kept" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_listed_short_help_is_the_commands_own(name):
+    cmd = cli.get_command(click.Context(cli), name)
+    assert cmd is not None and cmd.get_short_help_str(limit=200) == COMMANDS[name][2]
+
+
+def test_help_imports_no_stage():
+    code = (
+        "import sys; from click.testing import CliRunner; from inkpipe.cli import cli;"
+        "assert CliRunner().invoke(cli, ['--help']).exit_code == 0;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'zarr', 'dask', "
+        "'numpy') or m.startswith(('inkpipe.train', 'inkpipe.infer', 'inkpipe.cli.'))))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "['inkpipe.cli.group']"
+
+
+def test_one_line_keeps_the_last_line_of_a_worker_traceback():
+    worker = ValueError(
+        "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1\nValueError: chunk is damaged\n'
+    )
+    assert one_line(worker) == "chunk is damaged"
+    assert one_line(ValueError("plain")) == "plain"

@@ -1,0 +1,37 @@
+"""Option defaults read from the config dataclasses, so the command line never restates them.
+
+Every option whose value ends up in a config field takes its default from that field:
+``default=default_of(TrainConfig, "epochs")``. The defaults are read when the command module is
+imported, so a changed or new field default reaches ``--help`` and the parsed value at once.
+``tests/cli/test_defaults.py`` checks every command's options against their fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+__all__ = ["default_of"]
+
+
+def default_of(config: type, name: str) -> Any:
+    """Return the default of the field ``name`` of the dataclass ``config``.
+
+    A ``default_factory`` is called, so each caller gets a fresh value.
+
+    Raises:
+        LookupError: ``config`` has no field ``name`` (with the closest names), or the field
+            has no default. Both are mistakes in the command definitions, not user input.
+    """
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    if name not in fields:
+        close = difflib.get_close_matches(name, fields, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise LookupError(f"{config.__name__} has no field '{name}'{hint}")
+    field = fields[name]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    raise LookupError(f"{config.__name__}.{name} has no default")
