@@ -107,25 +107,34 @@ class Augment:
         self.compose = compose
         self.seed = seed
         self._worker_seed: int | None = None
+        self._depth_rng = np.random.default_rng(seed)
         reseed(self, seed)
 
     def __call__(
-        self, image: NDArray[Any], mask: NDArray[Any]
+        self, image: NDArray[Any], mask: NDArray[Any], depth: int | None = None
     ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """Augment one crop.
 
         Args:
-            image: (k, H, W) float32 (any real dtype is converted), normalised CT layers.
+            image: (k', H, W) float32 (any real dtype is converted), normalised CT layers.
             mask: (H, W) uint8 or float32 ink labels (any values; they are only moved).
+            depth: keep this many consecutive layers of ``image``, starting at a uniformly
+                drawn offset in ``[0, k' - depth]`` (the depth shift); None keeps all.
 
         Returns:
-            ``(image, mask)``: (k, H, W) float32 and (H, W) float32, new arrays.
+            ``(image, mask)``: (depth or k', H, W) float32 and (H, W) float32, new arrays.
         """
         if image.ndim != 3 or mask.ndim != 2 or image.shape[1:] != mask.shape:
             raise ValueError(
                 f"expected image (k, H, W) and mask (H, W) of the same H, W, got "
                 f"{image.shape} and {mask.shape}"
             )
+        if depth is not None and image.shape[0] != depth:
+            if not 1 <= depth <= image.shape[0]:
+                raise ValueError(f"cannot keep {depth} of {image.shape[0]} layers")
+            self._reseed_if_new_worker()
+            z0 = int(self._depth_rng.integers(0, image.shape[0] - depth + 1))
+            image = image[z0 : z0 + depth]
         if self.compose is None:
             return image.astype(np.float32, copy=True), mask.astype(np.float32, copy=True)
         self._reseed_if_new_worker()
@@ -156,9 +165,10 @@ def _entropy(seed: int | None) -> int:
 
 
 def _seed_compose(augment: Augment, seq: np.random.SeedSequence) -> None:
+    state = seq.generate_state(3)
+    augment._depth_rng = np.random.default_rng(int(state[2]))
     if augment.compose is None:
         return
-    state = seq.generate_state(2)
     # One generator pair for all transforms: their draws come from one stream, in order.
     augment.compose.set_random_state(
         np.random.default_rng(int(state[0])), random.Random(int(state[1]))

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import nn
 
@@ -172,7 +173,9 @@ def make_predictor(
 ) -> Callable[[NDArray[np.float32]], NDArray[np.float32]]:
     """Wrap a model as ``(B, k, t, t) float32 -> (B, t, t) float32`` ink probabilities.
 
-    Runs in eval mode under ``torch.inference_mode``, with float16 autocast on CUDA.
+    Runs in eval mode under ``torch.inference_mode``, with float16 autocast on CUDA. Logits
+    of a coarse model (output stride > 1) are upsampled bilinearly to ``t x t`` before the
+    sigmoid, so blending, TTA and scoring see full-resolution probabilities.
     """
     model = model.to(device).eval()
 
@@ -184,7 +187,12 @@ def make_predictor(
                 device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda"
             ),
         ):
-            prob = torch.sigmoid(model(x).float())
+            logits = model(x).float()
+            if logits.shape[-2:] != x.shape[-2:]:
+                logits = F.interpolate(
+                    logits, size=x.shape[-2:], mode="bilinear", align_corners=False
+                )
+            prob = torch.sigmoid(logits)
         return prob[:, 0].cpu().numpy().astype(np.float32)
 
     return predict

@@ -16,7 +16,7 @@ from inkpipe.pipeline.layers import LayerRange, parse_layers
 from .augment import AUG_LEVELS
 from .checkpoint import DEVICES
 from .losses import LossSpec
-from .models import ModelSpec
+from .models import OUTPUT_STRIDES, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,20 @@ class TrainConfig:
             ``config.yaml``).
         layers: contiguous CT layer range; ``k = stop - start`` input channels.
         fragments: training fragment ids (None: every fragment with ink labels).
-        model: network spec (``in_channels`` is set from ``layers``).
+        model: network spec (``in_channels`` is set from ``layers``); None: the device's
+            recipe (see :mod:`inkpipe.train.recipe`).
+        tile_px: side of the training crops (None: the recipe's); windows for a tile the
+            store was not indexed with are derived from its mask and labels.
+        output_stride: the model predicts at ``1 / output_stride`` resolution and the loss
+            compares with area-downsampled labels (None: the recipe's, or the model's own).
         loss: loss spec.
         aug: augmentation level.
-        epochs, steps_per_epoch, batch_size: schedule (samples/epoch = steps x batch).
+        depth_shift: random shift of the layer window, up to this many layers each way
+            (clipped to the layers a fragment has); 0: off.
+        ema_decay: decay of the exponential moving average of the weights that is validated
+            and saved (0: off, the raw weights are).
+        epochs, steps_per_epoch, batch_size: schedule (samples/epoch = steps x batch;
+            batch None: the recipe's).
         lr: peak learning rate after warm-up; weight_decay: AdamW decay.
         warmup_steps: linear warm-up length; restart_epochs: first period of the cosine
             warm restarts (doubling afterwards).
@@ -82,7 +92,8 @@ class TrainConfig:
         seed: seeds every random draw; device: auto/cpu/cuda; workers: DataLoader workers.
         cache_mb: decoded-block cache budget (split between workers).
         resume: continue from ``out/last.pt``.
-        max_minutes: stop after the epoch that passes this wall-clock budget (None: no limit).
+        max_minutes: wall-clock budget: training stops at the first step past it (inside an
+            epoch), then validates and saves once more (None: no limit).
         progress: show progress bars.
     """
 
@@ -90,12 +101,16 @@ class TrainConfig:
     out: Path
     layers: LayerRange = field(default_factory=lambda: LayerRange(28, 38))
     fragments: tuple[str, ...] | None = None
-    model: ModelSpec = field(default_factory=ModelSpec)
+    model: ModelSpec | None = None
+    tile_px: int | None = None
+    output_stride: int | None = None
     loss: LossSpec = field(default_factory=LossSpec)
     aug: str = "full"
+    depth_shift: int = 2
+    ema_decay: float = 0.99
     epochs: int = 20
     steps_per_epoch: int = 100
-    batch_size: int = 16
+    batch_size: int | None = None
     lr: float = 1e-3
     weight_decay: float = 3e-5
     warmup_steps: int = 100
@@ -121,8 +136,9 @@ class TrainConfig:
         check_choice("device", self.device, DEVICES)
         if self.folds not in (None, "loo"):
             raise ConfigError(f"expected --folds loo or nothing, got '{self.folds}'")
-        for name in ("epochs", "steps_per_epoch", "batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("epochs", "steps_per_epoch", "batch_size", "tile_px"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
@@ -132,15 +148,28 @@ class TrainConfig:
             raise ConfigError(f"--hard-negatives must be in [0, 1), got {self.hard_negatives}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
-        if self.model.in_channels != self.layers.k:
-            object.__setattr__(self, "model", replace(self.model, in_channels=self.layers.k))
+        if self.depth_shift < 0:
+            raise ConfigError(f"--depth-shift must be >= 0, got {self.depth_shift}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.output_stride is not None and self.output_stride not in OUTPUT_STRIDES:
+            raise ConfigError(
+                f"--output-stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got "
+                f"{self.output_stride}"
+            )
+        if self.model is not None:
+            stride = self.output_stride or self.model.output_stride
+            if (self.model.in_channels, self.model.output_stride) != (self.layers.k, stride):
+                model = replace(self.model, in_channels=self.layers.k, output_stride=stride)
+                object.__setattr__(self, "model", model)
+            object.__setattr__(self, "output_stride", stride)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a YAML/JSON-able dict of the resolved configuration."""
         d = asdict(self)
         d["store"], d["out"] = str(self.store), str(self.out)
         d["layers"] = str(self.layers)
-        d["model"] = self.model.to_dict()
+        d["model"] = None if self.model is None else self.model.to_dict()
         d["val"] = str(self.val)
         d["fragments"] = list(self.fragments) if self.fragments else None
         return d
@@ -151,7 +180,7 @@ class TrainConfig:
         d = dict(d)
         d["store"], d["out"] = Path(d["store"]), Path(d["out"])
         d["layers"] = parse_layers(d["layers"])
-        d["model"] = ModelSpec.from_dict(d["model"])
+        d["model"] = None if d.get("model") is None else ModelSpec.from_dict(d["model"])
         d["loss"] = LossSpec(**d["loss"])
         d["val"] = parse_validation(d["val"])
         d["fragments"] = tuple(d["fragments"]) if d.get("fragments") else None

@@ -266,6 +266,11 @@ class WindowSampler(Sampler[tuple[int, int, int]]):
         return mine * self.batch_size
 
 
+def shifted_range(layers: LayerRange, shift: int, available: int) -> LayerRange:
+    """Return ``layers`` widened by ``shift`` on each side, clipped to ``[0, available)``."""
+    return LayerRange(max(0, layers.start - shift), min(available, layers.stop + shift))
+
+
 class CropDataset(Dataset[dict[str, torch.Tensor]]):
     """Read normalised (k, tile, tile) crops with their labels from store fragments.
 
@@ -277,8 +282,13 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
         fragments: store fragments (training ones need labels).
         layers: the layer range, checked against every fragment.
         tile_px: crop size.
-        augment: ``(image (k,t,t) float32, mask (t,t) uint8) -> (image, mask)`` or None.
+        augment: ``(image (k',t,t) float32, mask (t,t) uint8, depth=k) -> (image (k,t,t),
+            mask)`` or None; it receives ``depth_shift`` extra layers on each side (when the
+            fragments have them) and picks the ``k`` it keeps.
         cache_mb: decoded-block cache budget of this dataset (per DataLoader worker).
+        depth_shift: layers read beyond each end of ``layers`` for the augmentation's depth
+            shift; clipped to the layers every fragment has. Unaugmented crops are the
+            centre ``k`` layers, exactly ``layers``.
     """
 
     def __init__(
@@ -288,18 +298,25 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
         tile_px: int,
         augment: Callable[[NDArray[np.float32], NDArray[np.uint8]], Any] | None = None,
         cache_mb: float = 512,
+        depth_shift: int = 0,
     ) -> None:
         self.fragments = list(fragments)
         self.layers = layers
         for f in self.fragments:
             layers.check(f.meta.layers, where=f"fragment {f.id}")
+        self.read_layers = shifted_range(
+            layers, depth_shift, min((f.meta.layers for f in self.fragments), default=layers.stop)
+        )
+        self.offset = layers.start - self.read_layers.start
         self.tile_px = tile_px
         self.augment = augment
         self.cache_mb = cache_mb
         self.volumes = [f.volume for f in self.fragments]
         self.masks = [f.mask() for f in self.fragments]
         self.labels = [f.labels() for f in self.fragments]
-        self.normalizers = [Normalizer(f.layer_stats()[layers.as_slice()]) for f in self.fragments]
+        self.normalizers = [
+            Normalizer(f.layer_stats()[self.read_layers.as_slice()]) for f in self.fragments
+        ]
         self._cache: BlockCache | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -312,7 +329,7 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
     def cache(self) -> BlockCache:
         """Return this process's block cache (created on first use)."""
         if self._cache is None:
-            self._cache = BlockCache(self.volumes, self.layers, self.cache_mb)
+            self._cache = BlockCache(self.volumes, self.read_layers, self.cache_mb)
         return self._cache
 
     def __len__(self) -> int:
@@ -320,7 +337,7 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
         return sum(int(np.prod(v.shape[1:])) for v in self.volumes)
 
     def read_raw(self, f: int, y0: int, x0: int) -> NDArray[np.uint16]:
-        """Return the (k, t, t) uint16 crop at (y0, x0) of fragment ``f``."""
+        """Return the (k', t, t) uint16 crop of ``read_layers`` at (y0, x0) of fragment ``f``."""
         return self.cache.read(f, y0, x0, self.tile_px)
 
     def plane_crop(self, plane: NDArray[np.uint8] | None, y0: int, x0: int) -> NDArray[np.uint8]:
@@ -337,7 +354,13 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
         return self.item(key, augment=True)
 
     def __getitems__(self, keys: Sequence[tuple[int, int, int]]) -> list[dict[str, torch.Tensor]]:
-        """Read a batch (the DataLoader passes a batch's keys here when this method exists).
+        """Read an augmented batch (the DataLoader passes a batch's keys here)."""
+        return self.batch(keys, augment=True)
+
+    def batch(
+        self, keys: Sequence[tuple[int, ...]], augment: bool = True
+    ) -> list[dict[str, torch.Tensor]]:
+        """Read the samples at ``keys`` through the batched read path, augmented or not.
 
         Two threads decode, cut and normalise the batch's crops (see
         :meth:`BlockCache.read_many`); augmentation, which draws from one seeded generator,
@@ -345,7 +368,7 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
         """
         checked = [self._check_key(key) for key in keys]
         images = self.read_raw_batch(keys, transform=self._normalise)
-        return [self._sample(key, image, True) for key, image in zip(checked, images)]
+        return [self._sample(key, image, augment) for key, image in zip(checked, images)]
 
     def read_raw_batch(
         self,
@@ -382,11 +405,14 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
         f, y0, x0 = key
         valid = self.plane_crop(self.masks[f], y0, x0)
         label = self.plane_crop(self.labels[f], y0, x0) & valid
+        k = self.layers.k
         if augment and self.augment is not None:
             # label and validity travel as one mask so they stay aligned (values 0..3)
-            image, packed = self.augment(image, label + 2 * valid)
+            image, packed = self.augment(image, label + 2 * valid, depth=k)
             packed = np.asarray(packed).astype(np.uint8)
             label, valid = packed & np.uint8(1), packed >> np.uint8(1)
+        else:
+            image = image[self.offset : self.offset + k]
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "label": torch.from_numpy(label.astype(np.float32))[None],

@@ -1,40 +1,38 @@
-"""The training loop: stream crops, optimise, validate on a reconstructed region, checkpoint.
+"""The trainer: stream crops, optimise, validate, checkpoint — each step a small method.
 
-``train(cfg)`` runs one model (or one per held-out fragment with ``folds="loo"``). It keeps
-the checkpoint with the best validation F0.5 together with the threshold searched for it, the
-last checkpoint for ``resume``, a metrics CSV and a PNG plot, all in ``cfg.out``.
-Launched by ``torchrun`` (WORLD_SIZE > 1) it trains with DistributedDataParallel.
+``train(cfg)`` runs one model (or one per held-out fragment with ``folds="loo"``). A
+:class:`Trainer` holds what does not change during a run (plan, data, loss); a
+:class:`RunState` holds what does (model, EMA, optimiser, scheduler, scaler, history, best).
+The steps are :meth:`Trainer.build`, :meth:`Trainer.resume`, :meth:`Trainer.train_epoch`,
+:meth:`Trainer.validate` and :meth:`Trainer.end_epoch`; :meth:`Trainer.run` strings them
+together. The run folder gets the checkpoint with the best validation F0.5 together with the
+threshold searched for it (``best.pt``), the last checkpoint for ``--resume`` (``last.pt``),
+``metrics.csv``, ``metrics.png`` and ``config.yaml``. Launched by ``torchrun``
+(WORLD_SIZE > 1) it trains with DistributedDataParallel.
 """
 
 from __future__ import annotations
 
-import csv
-import math
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from functools import partial
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
-from numpy.typing import NDArray
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from inkpipe.pipeline.blending import sliding_window_predict
 from inkpipe.pipeline.errors import ConfigError, TrainingError
-from inkpipe.pipeline.images import atomic_path
 from inkpipe.pipeline.memory import retain_freed_memory
 from inkpipe.pipeline.metrics import search_threshold
-from inkpipe.pipeline.store import Fragment, open_fragments
-from inkpipe.pipeline.volume import VolumeView
+from inkpipe.pipeline.store import open_fragments
+from inkpipe.pipeline.volume import Normalizer, VolumeView
 
 from .augment import build_augment
 from .checkpoint import (
@@ -45,21 +43,17 @@ from .checkpoint import (
     select_device,
 )
 from .config import TrainConfig, Validation
-from .data import CropDataset, CropTable, WindowSampler, WindowSet
-from .losses import build_loss, per_sample_loss
-from .models import build_model, count_parameters
+from .data import CropDataset, WindowSampler
+from .distributed import Dist, agree, barrier, distributed
+from .history import plot_metrics, write_metrics
+from .losses import build_loss, coarse_targets
+from .mining import mine_hard_negatives
+from .models import ModelSpec, build_model, count_parameters
+from .recipe import describe, resolve
+from .split import Plan, plan_run
 
-METRIC_FIELDS = (
-    "epoch",
-    "train_loss",
-    "val_f05",
-    "val_precision",
-    "val_recall",
-    "threshold",
-    "lr",
-    "seconds",
-    "crops_per_s",
-)
+# Saved with the configuration of the run they continue; another value refuses --resume.
+RESUME_KEYS = ("layers", "model", "store", "tile_px")
 
 
 @dataclass(frozen=True)
@@ -75,187 +69,6 @@ class TrainResult:
     last_path: Path
 
 
-# ---------------------------------------------------------------------------------------
-# data preparation
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Which fragments and windows train and validate a run."""
-
-    fragments: list[Fragment]
-    train_sets: list[WindowSet]
-    val_windows: CropTable  # (n, 3) held-out windows (patches validation)
-    val_fragment: int | None  # index into fragments (fragment validation)
-    tile_px: int
-
-
-def plan_run(cfg: TrainConfig) -> Plan:
-    """Open the store and decide training windows and validation data.
-
-    Raises:
-        ConfigError: unknown fragments, layers that do not fit, mixed tile sizes, a held-out
-            fragment without labels, or no positive training window.
-    """
-    fragments = open_fragments(cfg.store)
-    by_id = {f.id: f for f in fragments}
-    labelled = [f.id for f in fragments if f.meta.has_labels]
-    wanted = list(cfg.fragments) if cfg.fragments else labelled
-    for fid in wanted:
-        if fid not in by_id:
-            raise ConfigError(
-                f"fragment '{fid}' is not in store {cfg.store} (it has: {', '.join(by_id)})"
-            )
-        if not by_id[fid].meta.has_labels:
-            raise ConfigError(f"fragment '{fid}' has no ink labels and cannot be trained on")
-    val_id = cfg.val.fragment if cfg.val.kind == "fragment" else None
-    if val_id is not None:
-        if val_id not in by_id or not by_id[val_id].meta.has_labels:
-            raise ConfigError(
-                f"validation fragment '{val_id}' must be a labelled fragment of {cfg.store} "
-                f"(labelled: {', '.join(labelled) or 'none'})"
-            )
-        wanted = [f for f in wanted if f != val_id]
-    if not wanted:
-        raise ConfigError(f"no labelled fragment left to train on in {cfg.store}")
-    used = wanted + ([val_id] if val_id is not None else [])
-    frags = [by_id[f] for f in used]
-    for f in frags:
-        cfg.layers.check(f.meta.layers, where=f"fragment {f.id} of {cfg.store}")
-    tiles = {f.settings.tile_px for f in frags}
-    if len(tiles) != 1:
-        raise ConfigError(
-            f"fragments of {cfg.store} were indexed with different tiles {sorted(tiles)}; "
-            "re-ingest with one --tile"
-        )
-    tile = tiles.pop()
-    sets = [
-        WindowSet(i, f.meta.shape[1:], f.windows()) for i, f in enumerate(frags) if f.id in wanted
-    ]
-    rng = np.random.default_rng([cfg.seed, 7])
-    val_windows = np.zeros((0, 3), np.int64)
-    if cfg.val.kind == "patches":
-        val_windows = pick_held_out(sets, cfg.val.patches, tile, rng, tile + cfg.jitter_px)
-        sets = exclude_near(sets, val_windows, tile + cfg.jitter_px)
-    if not any((s.windows[:, 3] > 0).any() for s in sets):
-        raise TrainingError(
-            f"no training window of {cfg.store} contains ink (fragments {', '.join(wanted)}); "
-            "check the ink labels, or lower --min-coverage at ingest"
-        )
-    val_index = len(frags) - 1 if val_id is not None else None
-    return Plan(frags, sets, val_windows, val_index, tile)
-
-
-def pick_held_out(
-    sets: list[WindowSet], n: int, tile_px: int, rng: np.random.Generator, distance_px: int = 0
-) -> CropTable:
-    """Pick up to ``n`` non-overlapping windows, half with ink where possible.
-
-    A window is only taken while at least half of all windows, and one with ink, stay
-    trainable after :func:`exclude_near` with ``distance_px`` (0: ``tile_px``) — so a small
-    store gets fewer held-out windows instead of none to train on.
-
-    Returns:
-        (m, 3) int64 (fragment, y0, x0), m <= n.
-    """
-    table = np.concatenate(
-        [
-            np.column_stack(
-                [np.full(len(s.windows), s.fragment), s.windows[:, :2], s.windows[:, 3] > 0]
-            )
-            for s in sets
-        ]
-    ).astype(np.int64)
-    distance = distance_px or tile_px
-    trainable = np.ones(len(table), bool)
-    pos = rng.permutation(np.flatnonzero(table[:, 3] == 1))
-    neg = rng.permutation(np.flatnonzero(table[:, 3] == 0))
-    order = np.concatenate([pos[: n // 2], neg, pos[n // 2 :]])
-    chosen: list[NDArray[np.int64]] = []
-    for i in order:
-        row = table[i, :3]
-        same = table[:, 0] == row[0]
-        dy, dx = np.abs(table[:, 1] - row[1]), np.abs(table[:, 2] - row[2])
-        if any(
-            c[0] == row[0] and abs(c[1] - row[1]) < tile_px and abs(c[2] - row[2]) < tile_px
-            for c in chosen
-        ):
-            continue
-        left = trainable & ~(same & (dy < distance) & (dx < distance))
-        if left.sum() < len(table) / 2 or not (left & (table[:, 3] == 1)).any():
-            continue
-        trainable = left
-        chosen.append(row)
-        if len(chosen) == n:
-            break
-    return np.array(chosen, dtype=np.int64).reshape(-1, 3)
-
-
-def exclude_near(sets: list[WindowSet], held: CropTable, distance_px: int) -> list[WindowSet]:
-    """Drop training windows closer than ``distance_px`` (in y and x) to a held-out window."""
-    out = []
-    for s in sets:
-        h = held[held[:, 0] == s.fragment]
-        keep = np.ones(len(s.windows), bool)
-        for _, y, x in h:
-            keep &= ~(
-                (np.abs(s.windows[:, 0] - y) < distance_px)
-                & (np.abs(s.windows[:, 1] - x) < distance_px)
-            )
-        out.append(WindowSet(s.fragment, s.shape, s.windows[keep]))
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# distributed helpers
-
-
-@dataclass(frozen=True)
-class Dist:
-    """Rank and world size (1 process unless launched by torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        """True on the process that validates, logs and saves."""
-        return self.rank == 0
-
-
-@contextmanager
-def distributed(device: torch.device) -> Iterator[Dist]:
-    """Join the torchrun process group if WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        yield Dist()
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend)
-    try:
-        yield Dist(dist.get_rank(), dist.get_world_size())
-    finally:
-        dist.destroy_process_group()
-
-
-def _agree(flag: bool, d: Dist, device: torch.device) -> bool:
-    """Return rank 0's ``flag`` on every rank (so all ranks stop together)."""
-    if d.world_size == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.broadcast(t, src=0)
-    return bool(t.item())
-
-
-def _barrier(d: Dist) -> None:
-    if d.world_size > 1:
-        dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------
-# validation
-
-
 @dataclass(frozen=True)
 class ValScore:
     """Validation result of one epoch."""
@@ -266,148 +79,409 @@ class ValScore:
     threshold: float
 
 
-def validate(
-    model: nn.Module,
-    plan: Plan,
-    dataset: CropDataset,
-    cfg: TrainConfig,
-    device: torch.device,
-    out_dir: Path,
-) -> ValScore | None:
-    """Score the model on the held-out region: F0.5 over all its pixels, threshold searched.
+@dataclass
+class Best:
+    """The best epoch so far (``f05 = -1``: none yet)."""
 
-    Patches: each held-out window is predicted whole (they do not overlap). Fragment: the
-    held-out fragment is predicted on a grid with Gaussian blending, as ``inkpipe predict``
-    does, and scored inside its mask.
-    """
-    predict = make_predictor(model, device)
-    if plan.val_fragment is not None:
-        frag = plan.fragments[plan.val_fragment]
-        view = VolumeView(
-            frag.volume, cfg.layers, dataset.normalizers[plan.val_fragment], cfg.cache_mb / 2
+    f05: float = -1.0
+    threshold: float = 0.5
+    epoch: int = -1
+
+
+@dataclass
+class RunState:
+    """Everything a run changes as it goes; ``last.pt`` saves it for ``--resume``."""
+
+    model: nn.Module
+    net: nn.Module  # ``model``, or DistributedDataParallel around it
+    ema: AveragedModel | None
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: torch.amp.GradScaler
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: Best = field(default_factory=Best)
+    epoch: int = 0  # the next epoch to run
+    step: int = 0  # optimiser steps so far
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and saved: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one (possibly shortened) epoch of training did."""
+
+    loss: float
+    crops: int
+    steps: int
+    seconds: float
+    out_of_time: bool
+
+
+class Trainer:
+    """One training run: the fixed parts (config, plan, data, loss) and the steps."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        plan: Plan,
+        device: torch.device,
+        d: Dist,
+        log: Callable[[str], None],
+    ) -> None:
+        assert cfg.model is not None and cfg.batch_size is not None  # resolved by the recipe
+        self.cfg, self.plan, self.device, self.d, self.log = cfg, plan, device, d, log
+        self.spec: ModelSpec = cfg.model
+        self.batch_size: int = cfg.batch_size
+        self.out = Path(cfg.out)
+        self.best_path, self.last_path = self.out / "best.pt", self.out / "last.pt"
+        self.amp = device.type == "cuda"
+        self.loss_fn = build_loss(cfg.loss)
+        self.deadline = (
+            None if cfg.max_minutes is None else time.perf_counter() + cfg.max_minutes * 60
         )
-        mask = frag.mask()
-        h, w = mask.shape
-        stride = cfg.val_stride_px or plan.tile_px // 2
-        spill = out_dir / ".val_canvas" if h * w > 32e6 else None
-        prob = sliding_window_predict(
-            view, predict, plan.tile_px, stride, cfg.batch_size, valid=mask, out_dir=spill
+        workers = cfg.workers
+        augment = build_augment(cfg.aug, plan.tile_px, seed=cfg.seed + d.rank)
+        self.dataset = CropDataset(
+            plan.fragments,
+            cfg.layers,
+            plan.tile_px,
+            augment,
+            cache_mb=cfg.cache_mb / max(workers, 1),
+            depth_shift=cfg.depth_shift,
         )
-        truth = frag.labels()
-        best_t, best_f, table = search_threshold(prob, truth, valid=mask)
-    elif len(plan.val_windows):
-        probs, truths, valids = [], [], []
-        for i in range(0, len(plan.val_windows), cfg.batch_size):
-            items = [
-                dataset.item(tuple(k), augment=False)
-                for k in plan.val_windows[i : i + cfg.batch_size]
-            ]
-            x = np.stack([it["image"].numpy() for it in items])
-            probs.append(predict(x))
-            truths.append(np.stack([it["label"][0].numpy() for it in items]))
-            valids.append(np.stack([it["valid"][0].numpy() for it in items]))
-        best_t, best_f, table = search_threshold(
-            np.concatenate(probs), np.concatenate(truths) > 0, valid=np.concatenate(valids) > 0
+        self.sampler = WindowSampler(
+            plan.train_sets,
+            plan.tile_px,
+            cfg.steps_per_epoch * self.batch_size * d.world_size,
+            self.batch_size,
+            workers,
+            cfg.pos_fraction,
+            cfg.jitter_px,
+            region_px=int(plan.fragments[0].volume.chunks[1]),  # sweep chunk by chunk
+            seed=cfg.seed,
+            rank=d.rank,
+            world_size=d.world_size,
         )
-    else:
-        return None
-    row = next(r for r in table if r.threshold == best_t)
-    model.train()
-    return ValScore(best_f, row.precision, row.recall, best_t)
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
 
+    # -------------------------------------------------------------------------- build
 
-# ---------------------------------------------------------------------------------------
-# hard-negative mining
+    def build(self) -> RunState:
+        """Build model, EMA, optimiser, warm-up + cosine-restart schedule and scaler."""
+        cfg = self.cfg
+        model = build_model(self.spec).to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        net: nn.Module = model
+        if self.d.world_size > 1:
+            net = nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.spec.name == "unet",  # smp's encoder head is unused
+            )
+        ema = None
+        if cfg.ema_decay > 0:
+            ema = AveragedModel(
+                model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+            )
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        period = max(cfg.restart_epochs * cfg.steps_per_epoch, 1)
+        sched: Any = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            opt, T_0=period, eta_min=cfg.lr * 0.01
+        )
+        if cfg.warmup_steps > 0:
+            warm = torch.optim.lr_scheduler.LinearLR(
+                opt, start_factor=0.01, total_iters=cfg.warmup_steps
+            )
+            sched = torch.optim.lr_scheduler.SequentialLR(
+                opt, [warm, sched], milestones=[cfg.warmup_steps]
+            )
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        return RunState(model, net, ema, opt, sched, scaler)
 
+    def resume(self, state: RunState) -> None:
+        """Load ``last.pt`` into ``state`` (``--resume``), refusing another run's checkpoint."""
+        ck = load_checkpoint(self.last_path)
+        now = self.cfg.to_dict()
+        for key in RESUME_KEYS:
+            if str(ck.config.get(key)) != str(now[key]):
+                raise ConfigError(
+                    f"--resume: {self.last_path} was trained with {key}={ck.config.get(key)}, "
+                    f"not {now[key]}; use the same options or another --out"
+                )
+        x = ck.extra
+        state.model.load_state_dict(x.get("train_state_dict", ck.state_dict))
+        if state.ema is not None:
+            state.ema.module.load_state_dict(ck.state_dict)
+            state.ema.n_averaged.fill_(int(x.get("ema_updates", 1)))
+        state.opt.load_state_dict(x["optimizer"])
+        state.sched.load_state_dict(x["scheduler"])
+        state.scaler.load_state_dict(x["scaler"])
+        state.history = list(x.get("history", []))
+        state.epoch = int(x["epoch"]) + 1
+        state.step = int(x.get("step", 0))
+        state.best = Best(float(x["best_f05"]), float(x["best_threshold"]), int(x["best_epoch"]))
+        self.log(f"resuming {self.out} at epoch {state.epoch + 1}")
 
-def mine_hard_negatives(
-    model: nn.Module,
-    sampler: WindowSampler,
-    dataset: CropDataset,
-    cfg: TrainConfig,
-    device: torch.device,
-    epoch: int,
-) -> CropTable:
-    """Score a random sample of negative windows and return the highest-loss fraction.
+    # -------------------------------------------------------------------------- train
 
-    Returns:
-        (m, 3) int64 crops, m = ceil(hard_negatives x sample size).
-    """
-    rng = np.random.default_rng([cfg.seed, epoch, 11])
-    negatives = sampler.negatives
-    if len(negatives) == 0:
-        return negatives
-    sample = negatives[
-        rng.choice(len(negatives), min(cfg.hard_negative_sample, len(negatives)), replace=False)
-    ]
-    losses = []
-    model.eval()
-    with torch.inference_mode():
-        for i in range(0, len(sample), cfg.batch_size):
-            items = [dataset.item(tuple(k), augment=False) for k in sample[i : i + cfg.batch_size]]
-            x = torch.stack([it["image"] for it in items]).to(device)
-            y = torch.stack([it["label"] for it in items]).to(device)
-            v = torch.stack([it["valid"] for it in items]).to(device)
-            losses.append(per_sample_loss(cfg.loss, model(x).float(), y, v).cpu())
-    model.train()
-    keep = max(1, math.ceil(cfg.hard_negatives * len(sample)))
-    order = torch.cat(losses).argsort(descending=True)[:keep].numpy()
-    return sample[order]
+    def out_of_time(self) -> bool:
+        """Whether the ``--max-minutes`` budget is spent (rank 0 decides for all ranks)."""
+        spent = self.deadline is not None and time.perf_counter() > self.deadline
+        return agree(spent, self.d, self.device) if self.deadline is not None else False
 
+    def train_epoch(self, state: RunState) -> EpochStats:
+        """Run one epoch of optimiser steps, stopping early when the time budget is spent."""
+        cfg, device = self.cfg, self.device
+        t0 = time.perf_counter()
+        if cfg.hard_negatives > 0 and state.epoch > 0:
+            hard = mine_hard_negatives(
+                state.model, self.sampler, self.dataset, cfg, device, state.epoch
+            )
+            self.sampler.set_hard_negatives(hard)
+        self.sampler.set_epoch(state.epoch)
+        state.net.train()
+        total, crops, steps, stopped = 0.0, 0, 0, False
+        bar = tqdm(
+            self.loader,
+            total=len(self.loader),
+            desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=not (cfg.progress and self.d.main),
+        )
+        for batch in bar:
+            loss = self.step(state, batch)
+            total += loss * len(batch["image"])
+            crops += len(batch["image"])
+            steps += 1
+            bar.set_postfix(loss=f"{total / crops:.4f}")
+            if self.out_of_time():
+                stopped = True
+                break
+        bar.close()
+        return EpochStats(total / max(crops, 1), crops, steps, time.perf_counter() - t0, stopped)
 
-# ---------------------------------------------------------------------------------------
-# logging
+    def step(self, state: RunState, batch: dict[str, torch.Tensor]) -> float:
+        """One optimiser step on a batch; returns its loss. Raises TrainingError on NaN/inf."""
+        device = self.device
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        v = batch["valid"].to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=self.amp):
+            logits = state.net(x)
+        y, v = coarse_targets(y, v, self.spec.output_stride)
+        loss = self.loss_fn(logits.float(), y, v)
+        if not torch.isfinite(loss):
+            kept = (
+                f"the best checkpoint is kept at {self.best_path}"
+                if self.best_path.exists()
+                else "no checkpoint was saved yet"
+            )
+            raise TrainingError(
+                f"loss became {loss.item()} at epoch {state.epoch + 1}, step {state.step + 1}; "
+                f"{kept}. Lower --lr, raise --warmup-steps, or try --loss bce"
+            )
+        state.opt.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            state.scaler.unscale_(state.opt)
+            nn.utils.clip_grad_norm_(state.model.parameters(), self.cfg.grad_clip)
+        state.scaler.step(state.opt)
+        state.scaler.update()
+        state.sched.step()
+        if state.ema is not None:
+            state.ema.update_parameters(state.model)
+        state.step += 1
+        return float(loss.item())
 
+    # -------------------------------------------------------------------------- validate
 
-def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write the per-epoch metrics CSV (atomically)."""
-    tmp = atomic_path(path)
-    try:
-        with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def validate(self, state: RunState) -> ValScore | None:
+        """Score the eval weights on the held-out region: F0.5 over its pixels, threshold searched.
 
+        Patches: each held-out window is predicted whole (they do not overlap). Fragment: the
+        held-out fragment is predicted on a grid with Gaussian blending, as ``inkpipe
+        predict`` does, and scored inside its mask.
+        """
+        cfg, plan = self.cfg, self.plan
+        predict = make_predictor(state.eval_model, self.device)
+        if plan.val_fragment is not None:
+            frag = plan.fragments[plan.val_fragment]
+            norm = Normalizer(frag.layer_stats()[cfg.layers.as_slice()])
+            view = VolumeView(frag.volume, cfg.layers, norm, cfg.cache_mb / 2)
+            mask = frag.mask()
+            h, w = mask.shape
+            stride = cfg.val_stride_px or plan.tile_px // 2
+            spill = self.out / ".val_canvas" if h * w > 32e6 else None
+            prob = sliding_window_predict(
+                view, predict, plan.tile_px, stride, self.batch_size, valid=mask, out_dir=spill
+            )
+            best_t, best_f, table = search_threshold(prob, frag.labels(), valid=mask)
+        elif len(plan.val_windows):
+            probs, truths, valids = [], [], []
+            for i in range(0, len(plan.val_windows), self.batch_size):
+                keys = [tuple(k) for k in plan.val_windows[i : i + self.batch_size].tolist()]
+                items = self.dataset.batch(keys, augment=False)
+                probs.append(predict(np.stack([it["image"].numpy() for it in items])))
+                truths.append(np.stack([it["label"][0].numpy() for it in items]))
+                valids.append(np.stack([it["valid"][0].numpy() for it in items]))
+            best_t, best_f, table = search_threshold(
+                np.concatenate(probs), np.concatenate(truths) > 0, valid=np.concatenate(valids) > 0
+            )
+        else:
+            return None
+        row = next(r for r in table if r.threshold == best_t)
+        return ValScore(best_f, row.precision, row.recall, best_t)
 
-def plot_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Plot loss, validation F0.5 and threshold over epochs to a PNG."""
-    import matplotlib
+    # -------------------------------------------------------------------------- end of epoch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def end_epoch(self, state: RunState, stats: EpochStats, score: ValScore | None) -> None:
+        """Record the epoch: history row, best and last checkpoints, metrics files, log line."""
+        row = {
+            "epoch": state.epoch + 1,
+            "steps": state.step,
+            "train_loss": round(stats.loss, 6),
+            "val_f05": "" if score is None else round(score.f05, 6),
+            "val_precision": "" if score is None else round(score.precision, 6),
+            "val_recall": "" if score is None else round(score.recall, 6),
+            "threshold": "" if score is None else score.threshold,
+            "lr": state.opt.param_groups[0]["lr"],
+            "seconds": round(stats.seconds, 2),
+            "crops_per_s": round(stats.crops * self.d.world_size / max(stats.seconds, 1e-9), 1),
+        }
+        state.history.append(row)
+        if self.d.main:
+            self.save(state, score)
+            write_metrics(self.out / "metrics.csv", state.history)
+            plot_metrics(self.out / "metrics.png", state.history)
+            val_text = (
+                ""
+                if score is None
+                else (
+                    f", val F0.5 {score.f05:.3f} (P {score.precision:.3f}, "
+                    f"R {score.recall:.3f}) at threshold {score.threshold:.2f}"
+                )
+            )
+            self.log(
+                f"epoch {state.epoch + 1}/{self.cfg.epochs}: loss {row['train_loss']:.4f}"
+                f"{val_text}, {row['crops_per_s']:.0f} crops/s, {row['seconds']:.0f} s"
+            )
+        state.epoch += 1
 
-    epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    axes[0].plot(epochs, [r["train_loss"] for r in rows], marker="o")
-    axes[0].set_title("training loss")
-    axes[1].plot(epochs, [_num(r["val_f05"]) for r in rows], marker="o", color="tab:green")
-    axes[1].set_title("validation F0.5")
-    axes[1].set_ylim(0, 1)
-    axes[2].plot(epochs, [_num(r["threshold"]) for r in rows], marker="o", color="tab:orange")
-    axes[2].set_title("threshold")
-    axes[2].set_ylim(0, 1)
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = atomic_path(path)
-    try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    def save(self, state: RunState, score: ValScore | None) -> None:
+        """Write ``best.pt`` if this epoch is the best so far, and ``last.pt`` always."""
+        f05 = score.f05 if score is not None else -state.history[-1]["train_loss"]
+        threshold = score.threshold if score is not None else 0.5
+        keys = ("epoch", "steps", "train_loss", "val_f05", "val_precision", "val_recall")
+        metrics = {k: state.history[-1][k] for k in keys}
 
+        def payload(**extra: Any) -> dict[str, Any]:
+            return checkpoint_payload(
+                state.eval_model,
+                self.spec,
+                self.cfg.layers,
+                self.plan.tile_px,
+                threshold,
+                metrics,
+                self.cfg.to_dict(),
+                epoch=state.epoch,
+                step=state.step,
+                **extra,
+            )
 
-def _num(v: Any) -> float:
-    return float("nan") if v in ("", None) else float(v)
+        if f05 > state.best.f05:
+            state.best = Best(f05, threshold, state.epoch + 1)
+            save_checkpoint(self.best_path, payload())
+        ema_extra: dict[str, Any] = {}
+        if state.ema is not None:
+            raw = {k: v.detach().cpu() for k, v in state.model.state_dict().items()}
+            ema_extra = {"train_state_dict": raw, "ema_updates": int(state.ema.n_averaged)}
+        save_checkpoint(
+            self.last_path,
+            payload(
+                optimizer=state.opt.state_dict(),
+                scheduler=state.sched.state_dict(),
+                scaler=state.scaler.state_dict(),
+                history=state.history,
+                best_f05=state.best.f05,
+                best_threshold=state.best.threshold,
+                best_epoch=state.best.epoch,
+                **ema_extra,
+            ),
+        )
 
+    # -------------------------------------------------------------------------- the run
 
-# ---------------------------------------------------------------------------------------
-# the loop
+    def start(self, state: RunState) -> None:
+        """Resume or refuse to overwrite, write ``config.yaml`` and log what is trained."""
+        cfg, plan = self.cfg, self.plan
+        if cfg.resume:
+            if not self.last_path.is_file():
+                raise ConfigError(
+                    f"--resume: no {self.last_path} to resume from; drop --resume to start afresh"
+                )
+            self.resume(state)
+        elif self.d.main and self.last_path.exists():
+            raise ConfigError(
+                f"{self.out} already holds a run (last.pt); pass --resume to continue it or "
+                "choose another --out"
+            )
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            trained = [f.id for i, f in enumerate(plan.fragments) if i != plan.val_fragment]
+            self.log(describe(cfg, self.device))
+            self.log(
+                f"training {self.spec.name} ({count_parameters(state.model) / 1e6:.2f} M "
+                f"parameters) on {', '.join(trained)}, device {self.device}, validation "
+                f"{cfg.val}"
+                + (f" ({len(plan.val_windows)} windows)" if cfg.val.kind == "patches" else "")
+            )
+        barrier(self.d)
+
+    def run(self) -> TrainResult:
+        """Train until ``epochs`` are done or the time budget is spent; return the result."""
+        state = self.build()
+        self.start(state)
+        while state.epoch < self.cfg.epochs:
+            stats = self.train_epoch(state)
+            score = self.validate(state) if self.d.main else None
+            self.end_epoch(state, stats, score)
+            barrier(self.d)
+            if stats.out_of_time:
+                self.log(
+                    f"stopped in epoch {state.epoch} after {state.step} steps: the "
+                    f"--max-minutes {self.cfg.max_minutes:g} are spent"
+                )
+                break
+        best = state.best
+        if self.d.main:
+            self.log(
+                f"best val F0.5 {max(best.f05, 0):.3f} at epoch {best.epoch} "
+                f"(threshold {best.threshold:.2f}): {self.best_path}"
+            )
+        return TrainResult(
+            self.out,
+            max(best.f05, 0.0),
+            best.threshold,
+            best.epoch,
+            len(state.history),
+            self.best_path,
+            self.last_path,
+        )
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[TrainResult]:
@@ -433,7 +507,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[TrainRes
     return [train_one(cfg, log)]
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed torch and NumPy's global generators (the samplers have their own)."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
 
@@ -441,234 +516,10 @@ def _seed_everything(seed: int) -> None:
 def train_one(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Train one model as configured; see the module docstring."""
     device = select_device(cfg.device)
+    cfg = resolve(cfg, device)
     plan = plan_run(cfg)
     retain_freed_memory()  # crops are allocated and freed thousands of times a second
     with distributed(device) as d:
-        return _train(cfg, plan, device, d, log if d.main else (lambda s: None))
-
-
-def _train(
-    cfg: TrainConfig, plan: Plan, device: torch.device, d: Dist, log: Callable[[str], None]
-) -> TrainResult:
-    out = Path(cfg.out)
-    best_path, last_path = out / "best.pt", out / "last.pt"
-    _seed_everything(cfg.seed + d.rank)
-    workers = cfg.workers
-    augment = build_augment(cfg.aug, plan.tile_px, seed=cfg.seed + d.rank)
-    dataset = CropDataset(
-        plan.fragments, cfg.layers, plan.tile_px, augment, cache_mb=cfg.cache_mb / max(workers, 1)
-    )
-    sampler = WindowSampler(
-        plan.train_sets,
-        plan.tile_px,
-        cfg.steps_per_epoch * cfg.batch_size * d.world_size,
-        cfg.batch_size,
-        workers,
-        cfg.pos_fraction,
-        cfg.jitter_px,
-        region_px=int(plan.fragments[0].volume.chunks[1]),  # sweep chunk by chunk
-        seed=cfg.seed,
-        rank=d.rank,
-        world_size=d.world_size,
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    model = build_model(cfg.model).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    net: nn.Module = model
-    if d.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.model.name == "unet",  # smp's encoder head is unused
-        )
-    loss_fn = build_loss(cfg.loss)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    period = max(cfg.restart_epochs * cfg.steps_per_epoch, 1)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        opt, T_0=period, eta_min=cfg.lr * 0.01
-    )
-    if cfg.warmup_steps > 0:
-        warm = torch.optim.lr_scheduler.LinearLR(
-            opt, start_factor=0.01, total_iters=cfg.warmup_steps
-        )
-        sched: Any = torch.optim.lr_scheduler.SequentialLR(
-            opt, [warm, cosine], milestones=[cfg.warmup_steps]
-        )
-    else:
-        sched = cosine
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    rows: list[dict[str, Any]] = []
-    start_epoch, best_f, best_t, best_epoch = 0, -1.0, 0.5, -1
-    if cfg.resume:
-        if not last_path.is_file():
-            raise ConfigError(
-                f"--resume: no {last_path} to resume from; drop --resume to start afresh"
-            )
-        ck = load_checkpoint(last_path)
-        saved = ck.config
-        for key in ("layers", "model", "store"):
-            if str(saved.get(key)) != str(cfg.to_dict()[key]):
-                raise ConfigError(
-                    f"--resume: {last_path} was trained with {key}={saved.get(key)}, not "
-                    f"{cfg.to_dict()[key]}; use the same options or another --out"
-                )
-        model.load_state_dict(ck.state_dict)
-        opt.load_state_dict(ck.extra["optimizer"])
-        sched.load_state_dict(ck.extra["scheduler"])
-        scaler.load_state_dict(ck.extra["scaler"])
-        rows = list(ck.extra.get("history", []))
-        start_epoch = int(ck.extra["epoch"]) + 1
-        best_f, best_t, best_epoch = (
-            float(ck.extra["best_f05"]),
-            float(ck.extra["best_threshold"]),
-            int(ck.extra["best_epoch"]),
-        )
-        log(f"resuming {out} at epoch {start_epoch + 1}")
-    elif d.main and last_path.exists():
-        raise ConfigError(
-            f"{out} already holds a run (last.pt); pass --resume to continue it or choose "
-            "another --out"
-        )
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        log(
-            f"training {cfg.model.name} ({count_parameters(model) / 1e6:.2f} M parameters) on "
-            f"{', '.join(f.id for i, f in enumerate(plan.fragments) if i != plan.val_fragment)}, "
-            f"layers {cfg.layers}, tile {plan.tile_px}, device {device.type}, "
-            f"validation {cfg.val}"
-            + (f" ({len(plan.val_windows)} windows)" if cfg.val.kind == "patches" else "")
-        )
-    _barrier(d)
-    config = cfg.to_dict()
-    started = time.perf_counter()
-
-    for epoch in range(start_epoch, cfg.epochs):
-        spent = cfg.max_minutes is not None and time.perf_counter() - started > cfg.max_minutes * 60
-        if _agree(spent, d, device):
-            log(f"stopping after epoch {epoch}: the --max-minutes {cfg.max_minutes} are spent")
-            break
-        t0 = time.perf_counter()
-        if cfg.hard_negatives > 0 and epoch > 0:
-            sampler.set_hard_negatives(
-                mine_hard_negatives(model, sampler, dataset, cfg, device, epoch)
-            )
-        sampler.set_epoch(epoch)
-        net.train()
-        total, count = 0.0, 0
-        bar = tqdm(
-            loader,
-            total=len(loader),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            leave=False,
-            disable=not (cfg.progress and d.main),
-        )
-        for step, batch in enumerate(bar):
-            x = batch["image"].to(device, non_blocking=True)
-            y = batch["label"].to(device, non_blocking=True)
-            v = batch["valid"].to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                logits = net(x)
-            loss = loss_fn(logits.float(), y, v)
-            if not torch.isfinite(loss):
-                kept = (
-                    f"the best checkpoint is kept at {best_path}"
-                    if best_path.exists()
-                    else "no checkpoint was saved yet"
-                )
-                raise TrainingError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; {kept}. "
-                    "Lower --lr, raise --warmup-steps, or try --loss bce"
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            total += loss.item() * len(x)
-            count += len(x)
-            bar.set_postfix(loss=f"{total / count:.4f}")
-        bar.close()
-        train_seconds = time.perf_counter() - t0
-        score = validate(model, plan, dataset, cfg, device, out) if d.main else None
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": round(total / max(count, 1), 6),
-            "val_f05": "" if score is None else round(score.f05, 6),
-            "val_precision": "" if score is None else round(score.precision, 6),
-            "val_recall": "" if score is None else round(score.recall, 6),
-            "threshold": "" if score is None else score.threshold,
-            "lr": opt.param_groups[0]["lr"],
-            "seconds": round(time.perf_counter() - t0, 2),
-            "crops_per_s": round(count * d.world_size / max(train_seconds, 1e-9), 1),
-        }
-        rows.append(row)
-        if d.main:
-            f05 = score.f05 if score is not None else -row["train_loss"]
-            metrics = {
-                k: row[k] for k in ("epoch", "train_loss", "val_f05", "val_precision", "val_recall")
-            }
-            threshold = score.threshold if score is not None else 0.5
-
-            payload = partial(
-                checkpoint_payload,
-                model,
-                cfg.model,
-                cfg.layers,
-                plan.tile_px,
-                threshold,
-                metrics,
-                config,
-                epoch=epoch,
-            )
-            if f05 > best_f:
-                best_f, best_epoch, best_t = f05, epoch + 1, threshold
-                save_checkpoint(best_path, payload())
-            save_checkpoint(
-                last_path,
-                payload(
-                    optimizer=opt.state_dict(),
-                    scheduler=sched.state_dict(),
-                    scaler=scaler.state_dict(),
-                    history=rows,
-                    best_f05=best_f,
-                    best_threshold=best_t,
-                    best_epoch=best_epoch,
-                ),
-            )
-            write_metrics(out / "metrics.csv", rows)
-            plot_metrics(out / "metrics.png", rows)
-            val_text = (
-                ""
-                if score is None
-                else (
-                    f", val F0.5 {score.f05:.3f} (P {score.precision:.3f}, "
-                    f"R {score.recall:.3f}) at threshold {score.threshold:.2f}"
-                )
-            )
-            log(
-                f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}{val_text}, "
-                f"{row['crops_per_s']:.0f} crops/s, {row['seconds']:.0f} s"
-            )
-        _barrier(d)
-    if d.main:
-        log(
-            f"best val F0.5 {max(best_f, 0):.3f} at epoch {best_epoch} "
-            f"(threshold {best_t:.2f}): {best_path}"
-        )
-    return TrainResult(out, max(best_f, 0.0), best_t, best_epoch, len(rows), best_path, last_path)
+        seed_everything(cfg.seed + d.rank)
+        trainer = Trainer(cfg, plan, device, d, log if d.main else (lambda s: None))
+        return trainer.run()

@@ -31,7 +31,15 @@ import torch.nn.functional as F
 
 from inkpipe.pipeline.errors import ConfigError, check_choice
 
-__all__ = ["LOSS_NAMES", "DICE_SMOOTH", "LossFn", "LossSpec", "build_loss", "per_sample_loss"]
+__all__ = [
+    "DICE_SMOOTH",
+    "LOSS_NAMES",
+    "LossFn",
+    "LossSpec",
+    "build_loss",
+    "coarse_targets",
+    "per_sample_loss",
+]
 
 LOSS_NAMES = ("bce", "focal", "dice", "bce+dice", "focal+dice")
 
@@ -195,3 +203,24 @@ def _dice(x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, dims: tuple[int, ..
     intersection = (p * t).sum(dim=dims)
     total = p.sum(dim=dims) + t.sum(dim=dims)
     return 1.0 - (2.0 * intersection + DICE_SMOOTH) / (total + DICE_SMOOTH)
+
+
+def coarse_targets(
+    target: torch.Tensor, valid: torch.Tensor, stride: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area-downsample labels and validity to a model's output stride.
+
+    Args:
+        target: (B, 1, H, W) float in {0, 1}, ink.
+        valid: (B, 1, H, W) float in {0, 1}, papyrus.
+        stride: output stride ``s`` (1 returns the inputs); ``H, W`` divisible by ``s``.
+
+    Returns:
+        ``(target, valid)``, each (B, 1, H / s, W / s) float in [0, 1]: the ink fraction of the
+        valid pixels of each cell, and the valid fraction of each cell (used as a weight).
+    """
+    if stride == 1:
+        return target, valid
+    v = F.avg_pool2d(valid, stride)
+    t = F.avg_pool2d(target * valid, stride) / v.clamp_min(1e-6)
+    return t, v

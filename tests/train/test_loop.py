@@ -12,7 +12,8 @@ from inkpipe.pipeline.layers import LayerRange
 from inkpipe.train import loop as loop_mod
 from inkpipe.train.checkpoint import load_checkpoint, model_from_checkpoint
 from inkpipe.train.config import TrainConfig, parse_validation
-from inkpipe.train.loop import exclude_near, pick_held_out, plan_run, train
+from inkpipe.train.loop import train
+from inkpipe.train.split import exclude_near, pick_held_out, plan_run
 from inkpipe.train.models import ModelSpec
 from tests.conftest import TINY, write_fragment
 
@@ -25,6 +26,7 @@ def cfg_for(store, out, **kw):
         epochs=2,
         steps_per_epoch=2,
         batch_size=4,
+        tile_px=32,
         warmup_steps=1,
         val=parse_validation("patches:4"),
         progress=False,
@@ -52,8 +54,9 @@ def test_train_writes_a_complete_run(tiny_store, tmp_path):
     assert best.threshold == result.threshold
     assert best.config["layers"] == "2:6" and best.model.in_channels == 4
     assert "val_f05" in best.metrics and best.version
+    assert best.model.name == "stem3d" and best.model.output_stride == 4  # the CPU recipe
     model = model_from_checkpoint(best)
-    assert model(torch.zeros(1, 4, 32, 32)).shape == (1, 1, 32, 32)
+    assert model(torch.zeros(1, 4, 32, 32)).shape == (1, 1, 8, 8)
 
 
 def test_training_is_reproducible_on_cpu(tiny_store, tmp_path):

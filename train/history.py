@@ -1,0 +1,70 @@
+"""The run's history: one row of metrics per epoch, written as a CSV and plotted as a PNG."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+from inkpipe.pipeline.images import atomic_path
+
+METRIC_FIELDS = (
+    "epoch",
+    "steps",
+    "train_loss",
+    "val_f05",
+    "val_precision",
+    "val_recall",
+    "threshold",
+    "lr",
+    "seconds",
+    "crops_per_s",
+)
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write the per-epoch metrics CSV (atomically)."""
+    tmp = atomic_path(path)
+    try:
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def plot_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Plot loss, validation F0.5 and threshold over epochs to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(epochs, [r["train_loss"] for r in rows], marker="o")
+    axes[0].set_title("training loss")
+    axes[1].plot(epochs, [_num(r["val_f05"]) for r in rows], marker="o", color="tab:green")
+    axes[1].set_title("validation F0.5")
+    axes[1].set_ylim(0, 1)
+    axes[2].plot(epochs, [_num(r["threshold"]) for r in rows], marker="o", color="tab:orange")
+    axes[2].set_title("threshold")
+    axes[2].set_ylim(0, 1)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = atomic_path(path)
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def _num(v: Any) -> float:
+    return float("nan") if v in ("", None) else float(v)

@@ -1,0 +1,179 @@
+"""Which windows train and which validate a run: the plan of a run, decided before it starts.
+
+Windows come from the store's window index when the run's tile is the one the store was
+indexed with, and are derived from the stored mask and labels otherwise (any tile and stride,
+in seconds, no re-ingest). Held-out patches are picked so that training keeps most windows
+and some ink, and training windows near a held-out one are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from inkpipe.pipeline.errors import ConfigError, TrainingError
+from inkpipe.pipeline.store import Fragment, open_fragments
+from inkpipe.pipeline.windows import index_windows
+
+from .config import TrainConfig
+from .data import CropTable, WindowSet
+
+# Columns of the window index (pipeline.windows.WINDOW_COLUMNS)
+Y0, X0, MASK_PX, INK_PX = range(4)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which fragments and windows train and validate a run."""
+
+    fragments: list[Fragment]
+    train_sets: list[WindowSet]
+    val_windows: CropTable  # (n, 3) held-out windows (patches validation)
+    val_fragment: int | None  # index into fragments (fragment validation)
+    tile_px: int
+
+
+def fragment_windows(frag: Fragment, tile_px: int) -> NDArray[np.int32]:
+    """Return the (n, 4) int32 window index of ``frag`` for ``tile_px`` (stride tile / 2).
+
+    The stored index is used when it was built for this tile; otherwise the index is derived
+    from the stored mask and labels with the store's minimum papyrus coverage.
+    """
+    settings = frag.settings
+    if settings.tile_px == tile_px:
+        return frag.windows()
+    labels = frag.labels()
+    return index_windows(frag.mask(), labels, tile_px, max(1, tile_px // 2), settings.min_coverage)
+
+
+def plan_run(cfg: TrainConfig) -> Plan:
+    """Open the store and decide training windows and validation data.
+
+    ``cfg.tile_px`` must be resolved (see :func:`inkpipe.train.recipe.resolve`); None takes
+    the tile the store was indexed with.
+
+    Raises:
+        ConfigError: unknown fragments, layers that do not fit, a held-out fragment without
+            labels, or mixed stored tiles with no ``tile_px``.
+        TrainingError: no positive training window.
+    """
+    fragments = open_fragments(cfg.store)
+    by_id = {f.id: f for f in fragments}
+    labelled = [f.id for f in fragments if f.meta.has_labels]
+    wanted = list(cfg.fragments) if cfg.fragments else labelled
+    for fid in wanted:
+        if fid not in by_id:
+            raise ConfigError(
+                f"fragment '{fid}' is not in store {cfg.store} (it has: {', '.join(by_id)})"
+            )
+        if not by_id[fid].meta.has_labels:
+            raise ConfigError(f"fragment '{fid}' has no ink labels and cannot be trained on")
+    val_id = cfg.val.fragment if cfg.val.kind == "fragment" else None
+    if val_id is not None:
+        if val_id not in by_id or not by_id[val_id].meta.has_labels:
+            raise ConfigError(
+                f"validation fragment '{val_id}' must be a labelled fragment of {cfg.store} "
+                f"(labelled: {', '.join(labelled) or 'none'})"
+            )
+        wanted = [f for f in wanted if f != val_id]
+    if not wanted:
+        raise ConfigError(f"no labelled fragment left to train on in {cfg.store}")
+    used = wanted + ([val_id] if val_id is not None else [])
+    frags = [by_id[f] for f in used]
+    for f in frags:
+        cfg.layers.check(f.meta.layers, where=f"fragment {f.id} of {cfg.store}")
+    tile = cfg.tile_px if cfg.tile_px is not None else stored_tile(frags, cfg)
+    sets = [
+        WindowSet(i, f.meta.shape[1:], fragment_windows(f, tile))
+        for i, f in enumerate(frags)
+        if f.id in wanted
+    ]
+    rng = np.random.default_rng([cfg.seed, 7])
+    val_windows = np.zeros((0, 3), np.int64)
+    if cfg.val.kind == "patches":
+        val_windows = pick_held_out(sets, cfg.val.patches, tile, rng, tile + cfg.jitter_px)
+        sets = exclude_near(sets, val_windows, tile + cfg.jitter_px)
+    if not any((s.windows[:, INK_PX] > 0).any() for s in sets):
+        raise TrainingError(
+            f"no training window of {cfg.store} contains ink (fragments {', '.join(wanted)}); "
+            "check the ink labels, or lower --min-coverage at ingest"
+        )
+    val_index = len(frags) - 1 if val_id is not None else None
+    return Plan(frags, sets, val_windows, val_index, tile)
+
+
+def stored_tile(frags: list[Fragment], cfg: TrainConfig) -> int:
+    """Return the one tile the fragments were indexed with, or raise ConfigError."""
+    tiles = {f.settings.tile_px for f in frags}
+    if len(tiles) != 1:
+        raise ConfigError(
+            f"fragments of {cfg.store} were indexed with different tiles {sorted(tiles)}; "
+            "pass --tile"
+        )
+    return tiles.pop()
+
+
+def pick_held_out(
+    sets: list[WindowSet], n: int, tile_px: int, rng: np.random.Generator, distance_px: int = 0
+) -> CropTable:
+    """Pick up to ``n`` non-overlapping windows, half with ink where possible.
+
+    A window is only taken while at least half of all windows, and one with ink, stay
+    trainable after :func:`exclude_near` with ``distance_px`` (0: ``tile_px``) — so a small
+    store gets fewer held-out windows instead of none to train on.
+
+    Returns:
+        (m, 3) int64 (fragment, y0, x0), m <= n.
+    """
+    table = np.concatenate(
+        [
+            np.column_stack(
+                [
+                    np.full(len(s.windows), s.fragment),
+                    s.windows[:, [Y0, X0]],
+                    s.windows[:, INK_PX] > 0,
+                ]
+            )
+            for s in sets
+        ]
+    ).astype(np.int64)
+    distance = distance_px or tile_px
+    trainable = np.ones(len(table), bool)
+    pos = rng.permutation(np.flatnonzero(table[:, 3] == 1))
+    neg = rng.permutation(np.flatnonzero(table[:, 3] == 0))
+    order = np.concatenate([pos[: n // 2], neg, pos[n // 2 :]])
+    chosen: list[NDArray[np.int64]] = []
+    for i in order:
+        row = table[i, :3]
+        same = table[:, 0] == row[0]
+        dy, dx = np.abs(table[:, 1] - row[1]), np.abs(table[:, 2] - row[2])
+        if any(
+            c[0] == row[0] and abs(c[1] - row[1]) < tile_px and abs(c[2] - row[2]) < tile_px
+            for c in chosen
+        ):
+            continue
+        left = trainable & ~(same & (dy < distance) & (dx < distance))
+        if left.sum() < len(table) / 2 or not (left & (table[:, 3] == 1)).any():
+            continue
+        trainable = left
+        chosen.append(row)
+        if len(chosen) == n:
+            break
+    return np.array(chosen, dtype=np.int64).reshape(-1, 3)
+
+
+def exclude_near(sets: list[WindowSet], held: CropTable, distance_px: int) -> list[WindowSet]:
+    """Drop training windows closer than ``distance_px`` (in y and x) to a held-out window."""
+    out = []
+    for s in sets:
+        h = held[held[:, 0] == s.fragment]
+        keep = np.ones(len(s.windows), bool)
+        for _, y, x in h:
+            keep &= ~(
+                (np.abs(s.windows[:, Y0] - y) < distance_px)
+                & (np.abs(s.windows[:, X0] - x) < distance_px)
+            )
+        out.append(WindowSet(s.fragment, s.shape, s.windows[keep]))
+    return out
