@@ -11,9 +11,29 @@ from inkpipe.train.augment import AUG_LEVELS
 from inkpipe.train.checkpoint import DEVICES
 from inkpipe.train.config import TrainConfig, parse_validation
 from inkpipe.train.losses import LOSS_NAMES, LossSpec
-from inkpipe.train.models import MODEL_NAMES, ModelSpec
+from inkpipe.train.models import MODEL_NAMES, OUTPUT_STRIDES, ModelSpec
 
 from .options import default_of
+
+AUTO = "auto"  # --model: the device's recipe (TrainConfig.model = None)
+
+
+def model_spec(name: str, k: int, encoder: str | None, encoder_weights: str) -> ModelSpec | None:
+    """Return the spec of ``--model`` (None for ``auto``, unless an encoder option is given).
+
+    ``--model auto --encoder X`` or ``--encoder-weights W`` would be silently ignored by the
+    recipe, so they are refused.
+    """
+    if name != AUTO:
+        return ModelSpec(name=name, in_channels=k, encoder=encoder, encoder_weights=encoder_weights)
+    if encoder is not None or encoder_weights != default_of(ModelSpec, "encoder_weights"):
+        from inkpipe.pipeline.errors import ConfigError
+
+        raise ConfigError(
+            "--encoder and --encoder-weights choose the encoder of a named model; add --model "
+            "unet, stem3d or resnet3d"
+        )
+    return None
 
 
 @click.command("train", short_help="Train a model on crops streamed from a store.")
@@ -44,23 +64,57 @@ from .options import default_of
 )
 @click.option(
     "--model",
-    default=default_of(ModelSpec, "name"),
+    default=AUTO,
     show_default=True,
-    type=click.Choice(MODEL_NAMES),
-    help="attention-unet: the small original network; unet: smp Unet with --encoder.",
+    type=click.Choice((AUTO, *MODEL_NAMES)),
+    help="auto: the device's recipe (CPU: stem3d with the small 2-D U-Net, 64 px tiles, "
+    "output stride 4, batch 32; CUDA: stem3d with an efficientnet-b0 smp Unet, 256 px tiles, "
+    "batch 16); stem3d: 3-D stem max-pooled over depth + 2-D net (Kaggle 1st place); "
+    "resnet3d: video ResNet with depth-pooled skips (Grand Prize); attention-unet: the small "
+    "original 2-D network; unet: smp Unet with --encoder.",
 )
 @click.option(
     "--encoder",
     default=default_of(ModelSpec, "encoder"),
-    show_default=True,
-    help="smp encoder of --model unet (any smp encoder name).",
+    help="unet: any smp encoder [efficientnet-b0]; stem3d: small or an smp encoder [small]; "
+    "resnet3d: r3d_18, mc3_18 or r2plus1d_18 [r3d_18].",
 )
 @click.option(
     "--encoder-weights",
     default=default_of(ModelSpec, "encoder_weights"),
     show_default=True,
     help="imagenet (download through smp, needs network), none, or PATH to a local "
-    "encoder state dict (its first convolution is adapted to k channels).",
+    "encoder state dict (its first convolution is adapted to k channels); kinetics for "
+    "resnet3d (download through torchvision).",
+)
+@click.option(
+    "--tile",
+    "tile_px",
+    type=int,
+    default=default_of(TrainConfig, "tile_px"),
+    help="Training crop side, px [recipe: 64 on CPU, 256 on CUDA]; windows for a tile the "
+    "store was not indexed with are derived from its mask and labels (no re-ingest).",
+)
+@click.option(
+    "--output-stride",
+    type=click.Choice([str(s) for s in OUTPUT_STRIDES]),
+    default=default_of(TrainConfig, "output_stride"),
+    help="The model predicts at 1/s resolution; the loss uses area-downsampled labels and "
+    "prediction upsamples [recipe: 4; a named --model: 1].",
+)
+@click.option(
+    "--depth-shift",
+    type=int,
+    default=default_of(TrainConfig, "depth_shift"),
+    show_default=True,
+    help="Shift the layer window randomly by up to this many layers each way (0: off).",
+)
+@click.option(
+    "--ema-decay",
+    type=float,
+    default=default_of(TrainConfig, "ema_decay"),
+    show_default=True,
+    help="Validate and save an exponential moving average of the weights (0: off).",
 )
 @click.option(
     "--loss", default=default_of(LossSpec, "name"), show_default=True, type=click.Choice(LOSS_NAMES)
@@ -102,7 +156,10 @@ from .options import default_of
     help="Batches per epoch.",
 )
 @click.option(
-    "--batch-size", type=int, default=default_of(TrainConfig, "batch_size"), show_default=True
+    "--batch-size",
+    type=int,
+    default=default_of(TrainConfig, "batch_size"),
+    help="Crops per step [recipe: 32 on CPU, 16 on CUDA].",
 )
 @click.option(
     "--lr",
@@ -213,7 +270,8 @@ from .options import default_of
     "--max-minutes",
     type=float,
     default=default_of(TrainConfig, "max_minutes"),
-    help="Stop after the epoch that passes this time budget.",
+    help="Time budget: training stops at the first step past it (inside an epoch), then "
+    "validates and saves.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(
@@ -222,8 +280,9 @@ def train_command(
     layers: str,
     fragments: tuple[str, ...],
     model: str,
-    encoder: str,
+    encoder: str | None,
     encoder_weights: str,
+    output_stride: str | None,
     loss: str,
     focal_alpha: float,
     focal_gamma: float,
@@ -247,9 +306,8 @@ def train_command(
         out=out,
         layers=layer_range,
         fragments=fragments or None,
-        model=ModelSpec(
-            name=model, in_channels=layer_range.k, encoder=encoder, encoder_weights=encoder_weights
-        ),
+        model=model_spec(model, layer_range.k, encoder, encoder_weights),
+        output_stride=None if output_stride is None else int(output_stride),
         loss=LossSpec(
             name=loss,
             focal_alpha=focal_alpha,
