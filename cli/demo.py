@@ -26,7 +26,6 @@ from inkpipe.pipeline.synth import SynthConfig, synthesize
 from inkpipe.train.checkpoint import DEVICES
 from inkpipe.train.config import TrainConfig, parse_validation
 from inkpipe.train.loop import train
-from inkpipe.train.models import ModelSpec
 
 from .options import default_of
 
@@ -35,14 +34,16 @@ from .options import default_of
 class DemoConfig:
     """Settings of the demo; the defaults take about six minutes on a 2-core CPU.
 
+    Training uses the device's recipe (:mod:`inkpipe.train.recipe`), exactly what
+    ``inkpipe train`` does with no model options; only the layers, the time budget and the
+    number of held-out patches are the demo's own.
+
     Attributes:
         workdir: folder for everything the demo writes (fragments, store, run, prediction).
         height_px, width_px: size of each synthetic fragment.
         n_train: training fragments; one test fragment is always made.
         layers: CT layers the model reads (the synthetic ink lies in 24..36).
-        tile_px: window size (small, so CPU training is quick).
-        widths: Attention-UNet encoder widths; narrower than the default (40, 80, 160) so a
-            CPU gets through enough steps in minutes.
+        tile_px: window size of the store's index (the recipe's CPU tile).
         ink_contrast: synthetic ink strength in noise standard deviations; stronger than the
             default 0.8 so minutes of CPU training find it (still invisible per pixel).
         minutes: training time budget.
@@ -56,9 +57,8 @@ class DemoConfig:
     n_train: int = 2
     layers: LayerRange = LayerRange(22, 40)
     tile_px: int = 64
-    widths: tuple[int, int, int] = (16, 32, 64)
     ink_contrast: float = 1.2
-    minutes: float = 4.0
+    minutes: float = 5.0
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -112,23 +112,12 @@ def demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
         ),
         log=log,
     )
-    log(
-        f"3/5 training attention-unet on layers {cfg.layers} for up to {cfg.minutes:g} min in {run}"
-    )
+    log(f"3/5 training on layers {cfg.layers} for up to {cfg.minutes:g} min in {run}")
     (result,) = train(
         TrainConfig(
             store=store,
             out=run,
             layers=cfg.layers,
-            model=ModelSpec(name="attention-unet", in_channels=cfg.layers.k, widths=cfg.widths),
-            epochs=1000,
-            steps_per_epoch=20,
-            batch_size=16,
-            lr=3e-3,
-            warmup_steps=20,
-            restart_epochs=1000,
-            aug="light",
-            jitter_px=cfg.tile_px // 4,
             val=parse_validation("patches:24"),
             seed=cfg.seed,
             device=cfg.device,

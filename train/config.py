@@ -77,7 +77,7 @@ class TrainConfig:
         ema_decay: decay of the exponential moving average of the weights that is validated
             and saved (0: off, the raw weights are).
         epochs, steps_per_epoch, batch_size: schedule (samples/epoch = steps x batch;
-            batch None: the recipe's).
+            None: the recipe's: 20 epochs, or as many as ``max_minutes`` allow).
         lr: peak learning rate after warm-up; weight_decay: AdamW decay.
         warmup_steps: linear warm-up length; restart_epochs: first period of the cosine
             warm restarts (doubling afterwards).
@@ -108,7 +108,7 @@ class TrainConfig:
     aug: str = "full"
     depth_shift: int = 2
     ema_decay: float = 0.99
-    epochs: int = 20
+    epochs: int | None = None
     steps_per_epoch: int = 100
     batch_size: int | None = None
     lr: float = 1e-3

@@ -26,6 +26,8 @@ from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.store import Fragment
 from inkpipe.pipeline.volume import BlockCache, Normalizer
 
+from .augment import Augment
+
 # Columns of a crop table: fragment index, y0, x0.
 CropTable = NDArray[np.int64]
 
@@ -296,7 +298,7 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
         fragments: Sequence[Fragment],
         layers: LayerRange,
         tile_px: int,
-        augment: Callable[[NDArray[np.float32], NDArray[np.uint8]], Any] | None = None,
+        augment: Augment | None = None,
         cache_mb: float = 512,
         depth_shift: int = 0,
     ) -> None:
@@ -408,8 +410,8 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
         k = self.layers.k
         if augment and self.augment is not None:
             # label and validity travel as one mask so they stay aligned (values 0..3)
-            image, packed = self.augment(image, label + 2 * valid, depth=k)
-            packed = np.asarray(packed).astype(np.uint8)
+            image, moved = self.augment(image, label + 2 * valid, depth=k)
+            packed = moved.astype(np.uint8)
             label, valid = packed & np.uint8(1), packed >> np.uint8(1)
         else:
             image = image[self.offset : self.offset + k]

@@ -49,7 +49,7 @@ from .history import plot_metrics, write_metrics
 from .losses import build_loss, coarse_targets
 from .mining import mine_hard_negatives
 from .models import ModelSpec, build_model, count_parameters
-from .recipe import describe, resolve
+from .recipe import EPOCHS_WITHIN_BUDGET, describe, resolve
 from .split import Plan, plan_run
 
 # Saved with the configuration of the run they continue; another value refuses --resume.
@@ -131,7 +131,11 @@ class Trainer:
         d: Dist,
         log: Callable[[str], None],
     ) -> None:
-        assert cfg.model is not None and cfg.batch_size is not None  # resolved by the recipe
+        # resolved by the recipe
+        assert cfg.model is not None and cfg.batch_size is not None and cfg.epochs is not None
+        self.epochs: int = cfg.epochs
+        # "epoch 3/20", or "epoch 3" when the time budget decides
+        self.of_epochs = f"/{cfg.epochs}" if cfg.epochs < EPOCHS_WITHIN_BUDGET else ""
         self.cfg, self.plan, self.device, self.d, self.log = cfg, plan, device, d, log
         self.spec: ModelSpec = cfg.model
         self.batch_size: int = cfg.batch_size
@@ -256,7 +260,7 @@ class Trainer:
         bar = tqdm(
             self.loader,
             total=len(self.loader),
-            desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+            desc=f"epoch {state.epoch + 1}{self.of_epochs}",
             leave=False,
             disable=not (cfg.progress and self.d.main),
         )
@@ -376,7 +380,7 @@ class Trainer:
                 )
             )
             self.log(
-                f"epoch {state.epoch + 1}/{self.cfg.epochs}: loss {row['train_loss']:.4f}"
+                f"epoch {state.epoch + 1}{self.of_epochs}: loss {row['train_loss']:.4f}"
                 f"{val_text}, {row['crops_per_s']:.0f} crops/s, {row['seconds']:.0f} s"
             )
         state.epoch += 1
@@ -456,7 +460,7 @@ class Trainer:
         """Train until ``epochs`` are done or the time budget is spent; return the result."""
         state = self.build()
         self.start(state)
-        while state.epoch < self.cfg.epochs:
+        while state.epoch < self.epochs:
             stats = self.train_epoch(state)
             score = self.validate(state) if self.d.main else None
             self.end_epoch(state, stats, score)

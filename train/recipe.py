@@ -10,7 +10,9 @@ the resolved configuration is what the run saves:
 - **CUDA**: the same 3-D stem in front of an smp ``Unet`` (efficientnet-b0 encoder, scSE
   decoder attention), output at 1/4 resolution, 256 px tiles, batches of 16.
 
-Given options are kept; only their combination is checked (the tile must suit the model).
+Without ``--epochs``, a run trains 20 epochs, or until ``--max-minutes`` are spent when a
+budget is given. Given options are kept; only their combination is checked (the tile must suit
+the model).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class Recipe:
     tile_px: int
     batch_size: int
 
+
+EPOCHS = 20  # without a time budget
+EPOCHS_WITHIN_BUDGET = 100_000  # with --max-minutes: train until the budget is spent
 
 RECIPES = {
     "cpu": Recipe("stem3d", "small", 4, 64, 32),
@@ -68,7 +73,12 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
             f"use --tile {fix}"
         )
     batch = cfg.batch_size if cfg.batch_size is not None else recipe.batch_size
-    return replace(cfg, model=model, output_stride=None, tile_px=tile, batch_size=batch)
+    epochs = cfg.epochs
+    if epochs is None:
+        epochs = EPOCHS if cfg.max_minutes is None else EPOCHS_WITHIN_BUDGET
+    return replace(
+        cfg, model=model, output_stride=None, tile_px=tile, batch_size=batch, epochs=epochs
+    )
 
 
 def describe(cfg: TrainConfig, device: torch.device) -> str:

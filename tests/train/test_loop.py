@@ -13,8 +13,8 @@ from inkpipe.train import loop as loop_mod
 from inkpipe.train.checkpoint import load_checkpoint, model_from_checkpoint
 from inkpipe.train.config import TrainConfig, parse_validation
 from inkpipe.train.loop import train
-from inkpipe.train.split import exclude_near, pick_held_out, plan_run
 from inkpipe.train.models import ModelSpec
+from inkpipe.train.split import exclude_near, pick_held_out, plan_run
 from tests.conftest import TINY, write_fragment
 
 

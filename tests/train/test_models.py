@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from inkpipe.pipeline.errors import ConfigError, InputNotFoundError, OfflineError
-from inkpipe.train import models, weights
+from inkpipe.train import weights
 from inkpipe.train.models import (
     MODEL_NAMES,
     AttentionGate,
