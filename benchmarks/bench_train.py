@@ -129,14 +129,14 @@ def stored_raw_fraction(store: Path) -> float:
 
     Those are read straight into the block cache (one copy); the others are decoded.
     """
-    from inkpipe.pipeline.volume import _BLOSC_HEADER, _BLOSC_MEMCPYED
+    from inkpipe.pipeline.chunks import BLOSC_HEADER_BYTES, BloscHeader
 
     files = [p for p in store.glob("*/volume/c/*/*/*") if p.is_file()]
     raw = 0
     for path in files:
         with open(path, "rb") as fh:
-            head = fh.read(_BLOSC_HEADER)
-        raw += len(head) == _BLOSC_HEADER and bool(head[2] & _BLOSC_MEMCPYED)
+            header = BloscHeader.parse(fh.read(BLOSC_HEADER_BYTES))
+        raw += header is not None and header.stored_raw
     return raw / max(len(files), 1)
 
 

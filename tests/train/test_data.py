@@ -1,5 +1,4 @@
 import pickle
-import time
 from collections import OrderedDict
 
 import numpy as np
@@ -7,10 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from inkpipe.pipeline.errors import ConfigError, StoreError
+from inkpipe.pipeline.errors import ConfigError
 from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.store import open_fragments
-from inkpipe.pipeline.volume import BlockCache, Normalizer, VolumeView
+from inkpipe.pipeline.volume import Normalizer, VolumeView
 from inkpipe.train.augment import build_augment
 from inkpipe.train.data import (
     CropDataset,
@@ -126,204 +125,6 @@ def test_ddp_ranks_split_the_epoch():
 def test_sampler_rejects_bad_fraction():
     with pytest.raises(ConfigError):
         WindowSampler(make_sets(), 224, 10, 2, pos_fraction=1.5)
-
-
-def test_block_cache_crops_equal_direct_reads_and_stay_bounded(tiny_store):
-    frag = open_fragments(tiny_store, ["1"])[0]
-    layers = LayerRange(2, 9)
-    full = frag.volume[2:9]
-    cache = BlockCache([frag.volume], layers, budget_mb=0.2)
-    rng = np.random.default_rng(0)
-    for _ in range(60):
-        y, x = int(rng.integers(0, 96)), int(rng.integers(0, 80))
-        crop = cache.read(0, y, x, 32)
-        expect = np.zeros((7, 32, 32), np.uint16)
-        part = full[:, y : y + 32, x : x + 32]
-        expect[:, : part.shape[1], : part.shape[2]] = part
-        np.testing.assert_array_equal(crop, expect)
-        assert cache.nbytes <= max(0.2 * 2**20, 4 * 7 * 64 * 64 * 2)
-    assert cache.hits > 0
-
-
-def test_read_many_reads_ahead_equal_to_read_and_releases_blocks(tiny_store):
-    frags = open_fragments(tiny_store, ["1", "2"])
-    layers = LayerRange(1, 10)
-    rng = np.random.default_rng(2)
-    shapes = [fr.meta.shape[1:] for fr in frags]
-    crops = [
-        (int(f), int(rng.integers(0, shapes[f][0])), int(rng.integers(0, shapes[f][1])))
-        for f in rng.integers(0, 2, 80)
-    ]
-    plain = BlockCache([fr.volume for fr in frags], layers, budget_mb=0.3)
-    ahead = BlockCache([fr.volume for fr in frags], layers, budget_mb=0.3)
-    got = list(ahead.read_many(crops, 40))
-    assert len(got) == len(crops)
-    for crop, key in zip(got, crops):
-        np.testing.assert_array_equal(crop, plain.read(*key, 40))
-    big_plain = BlockCache([fr.volume for fr in frags], layers, budget_mb=64)
-    big_ahead = BlockCache([fr.volume for fr in frags], layers, budget_mb=64)
-    for key in crops:
-        big_plain.read(*key, 40)
-    assert len(list(big_ahead.read_many(crops, 40))) == len(crops)
-    assert big_ahead.misses == big_plain.misses == len(big_plain.blocks)  # each block once
-    assert not ahead._pins and not ahead._loading  # nothing left pinned or in flight
-    assert ahead.nbytes <= 0.3 * 2**20
-    # a reader stopped early releases its pins too
-    it = ahead.read_many(crops, 40)
-    next(it)
-    time.sleep(0.3)  # the helper, at its read-ahead limit, now waits for the reader
-    it.close()  # must wake it
-    assert not ahead._pins and not ahead._loading  # and the helper has stopped
-
-
-def test_evicted_memory_is_decoded_into_again_never_given_back(tiny_store, monkeypatch):
-    from inkpipe.pipeline.volume import ChunkReader
-
-    frags = open_fragments(tiny_store, ["1", "2"])
-    fresh = []
-    read_block = ChunkReader.read_block
-
-    def spy(self, zs, by, bx, out=None):
-        fresh.append(out is None)
-        return read_block(self, zs, by, bx, out)
-
-    monkeypatch.setattr(ChunkReader, "read_block", spy)
-    block = 12 * 64 * 64 * 2
-    cache = BlockCache([fr.volume for fr in frags], LayerRange(0, 12), budget_mb=5 * block / 2**20)
-    rng = np.random.default_rng(4)
-    crops = [
-        (int(f), int(rng.integers(0, 70)), int(rng.integers(0, 80)))
-        for f in rng.integers(0, 2, 60)
-    ]
-    for _ in range(3):
-        for i in range(0, len(crops), 8):
-            list(cache.read_many(crops[i : i + 8], 40, then=crops[i + 8 : i + 16]))
-    held = len(cache.blocks) + len(cache._spare)
-    assert cache.misses == len(fresh) > 3 * held  # blocks were decoded again and again...
-    assert sum(fresh) == held  # ...into memory allocated once and still held
-    assert held * block <= 1.25 * cache.budget + 4 * block  # the budget, read-ahead, one crop
-
-
-def test_read_ahead_errors_reach_the_reader(tiny_store, tmp_path):
-    import shutil
-
-    store = tmp_path / "store.zarr"
-    shutil.copytree(tiny_store, store)
-    frag = open_fragments(store, ["1"])[0]
-    chunk = store / "1" / "volume" / "c" / "0" / "1" / "0"
-    chunk.write_bytes(b"not a blosc chunk")
-    cache = BlockCache([frag.volume], LayerRange(0, 4), budget_mb=1)
-    crops = [(0, 0, 0), (0, 70, 0), (0, 0, 40)]
-    got = cache.read_many(crops, 32)
-    next(got)  # the crops before the damaged chunk are fine
-    with pytest.raises(StoreError, match=r"c/0/1/0 is damaged.*fragment '1'.*--overwrite"):
-        next(got)
-    with pytest.raises(StoreError):
-        cache.read(0, 70, 0, 32)
-    assert not cache._loading
-
-
-def test_chunks_stored_compressed_and_uncompressed_both_read_like_zarr(tiny_store, tmp_path):
-    import shutil
-
-    from numcodecs import blosc
-
-    from inkpipe.pipeline.volume import ChunkReader
-
-    store = tmp_path / "store.zarr"
-    shutil.copytree(tiny_store, store)
-    rng = np.random.default_rng(5)
-    smooth = np.repeat(np.arange(4 * 64, dtype=np.uint16), 64).reshape(4, 64, 64)
-    noise = rng.integers(0, 65535, (4, 64, 64), dtype=np.uint16)
-    packed = {}
-    for name, data in {"0/0/0": smooth, "1/0/1": noise, "0/1/1": smooth + 7}.items():
-        packed[name] = blosc.compress(data, b"lz4", 5, blosc.SHUFFLE)
-        (store / "1" / "volume" / "c" / name).write_bytes(packed[name])
-    assert packed["0/0/0"][2] & 0x02 == 0 and len(packed["0/0/0"]) < smooth.nbytes  # compressed
-    assert packed["1/0/1"][2] & 0x02 and len(packed["1/0/1"]) == noise.nbytes + 16  # stored raw
-    frag = open_fragments(store, ["1"])[0]
-    reader = ChunkReader(frag.volume)
-    assert reader.root is not None  # the direct path, not zarr's
-    for zs in (slice(0, 8), slice(2, 7)):
-        for by, bx in [(0, 0), (0, 1), (1, 0), (1, 1)]:
-            block = reader.read_block(zs, by, bx)
-            part = frag.volume[zs, by * 64 : by * 64 + 64, bx * 64 : bx * 64 + 64]
-            np.testing.assert_array_equal(block[:, : part.shape[1], : part.shape[2]], part)
-    np.testing.assert_array_equal(reader.read_block(slice(0, 4), 0, 0), smooth)
-    np.testing.assert_array_equal(reader.read_block(slice(4, 8), 0, 1), noise)
-
-
-@pytest.mark.parametrize("damage", ["truncate", "empty", "other size", "raw too short"])
-def test_damaged_chunk_files_are_store_errors_not_crashes(tiny_store, tmp_path, damage):
-    import shutil
-
-    from numcodecs import blosc
-
-    store = tmp_path / "store.zarr"
-    shutil.copytree(tiny_store, store)
-    chunk = store / "1" / "volume" / "c" / "1" / "0" / "1"
-    data = chunk.read_bytes()
-    if damage == "truncate":  # a valid header: Blosc alone would read past the end
-        chunk.write_bytes(data[: len(data) // 2])
-    elif damage == "empty":
-        chunk.write_bytes(b"")
-    elif damage == "other size":
-        chunk.write_bytes(blosc.compress(np.zeros(100, np.uint16), b"lz4", 5, blosc.SHUFFLE))
-    else:  # flagged "stored uncompressed", with sizes that agree but too few data bytes
-        raw = blosc.compress(np.arange(4 * 64 * 64, dtype=np.uint16), b"lz4", 0, blosc.SHUFFLE)
-        assert raw[2] & 0x02
-        short = bytearray(raw[:-100])
-        short[12:16] = len(short).to_bytes(4, "little")
-        chunk.write_bytes(bytes(short))
-    frag = open_fragments(store, ["1"])[0]
-    expect = {
-        "truncate": "truncated",
-        "empty": "not even a Blosc header",
-        "other size": "200",
-        "raw too short": "stored uncompressed but has",
-    }
-    with pytest.raises(StoreError, match=expect[damage]):
-        BlockCache([frag.volume], LayerRange(3, 9), budget_mb=1).read(0, 0, 40, 32)
-
-
-def test_read_many_transforms_each_crop_in_order(tiny_store):
-    frag = open_fragments(tiny_store, ["1"])[0]
-    layers = LayerRange(1, 10)
-    norm = Normalizer(frag.layer_stats()[1:10])
-    crops = [(0, y, x) for y in range(0, 96, 8) for x in range(0, 80, 8)]
-    seen = []
-
-    def transform(f, crop):
-        seen.append(f)
-        return f, norm(crop)
-
-    cache = BlockCache([frag.volume], layers, budget_mb=0.1)
-    got = list(cache.read_many(crops, 24, transform=transform))
-    assert len(got) == len(seen) == len(crops)
-    for (f, image), (_, y, x) in zip(got, crops):
-        raw = np.zeros((9, 24, 24), np.uint16)  # zeros past the edge, normalised like the rest
-        part = frag.volume[1:10, y : y + 24, x : x + 24]
-        raw[:, : part.shape[1], : part.shape[2]] = part
-        assert f == 0 and image.dtype == np.float32
-        np.testing.assert_array_equal(image, norm(raw))
-
-
-def test_read_many_raises_a_transform_error_at_its_crop(tiny_store):
-    frag = open_fragments(tiny_store, ["1"])[0]
-    crops = [(0, y, 0) for y in range(0, 96, 8)]
-
-    def transform(f, crop):
-        if crop.sum() == bad_sum:
-            raise ValueError("bad crop")
-        return crop
-
-    cache = BlockCache([frag.volume], LayerRange(0, 4), budget_mb=1)
-    bad_sum = cache.read(0, 40, 0, 24).sum()  # crop 5
-    got = cache.read_many(crops, 24, transform=transform)
-    assert len([next(got) for _ in range(5)]) == 5
-    with pytest.raises(ValueError, match="bad crop"):
-        next(got)
-    assert not cache._pins and not cache._loading
 
 
 def test_normalizer_clips_then_standardises():
