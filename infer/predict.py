@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -46,8 +45,9 @@ from inkpipe.pipeline.errors import (
     InvalidInputError,
     check_choice,
 )
+from inkpipe.pipeline.files import atomic_write
 from inkpipe.pipeline.fragments import SLICE_DIR, discover_fragments, is_fragment_dir, list_slices
-from inkpipe.pipeline.images import atomic_path, write_png
+from inkpipe.pipeline.images import write_png
 from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.memory import retain_freed_memory
@@ -535,12 +535,8 @@ def _write_record(
         "fragments": [asdict(r) for r in results],
     }
     path = cfg.out / RECORD
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, indent=2, default=str) + "\n")
     return path
 
 

@@ -10,7 +10,6 @@ A submission is a CSV with the header ``Id,Predicted`` and one row per fragment.
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from inkpipe.pipeline.errors import InputNotFoundError, InvalidInputError
-from inkpipe.pipeline.images import atomic_path
+from inkpipe.pipeline.files import atomic_write
 
 SUBMISSION_HEADER = ("Id", "Predicted")
 
@@ -191,28 +190,23 @@ def write_submission(path: Path, rows: Iterable[tuple[str, str]]) -> Path:
         InvalidInputError: an id is empty or repeated.
     """
     path = Path(path)
-    tmp = atomic_path(path)
     seen: set[str] = set()
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(SUBMISSION_HEADER)
-            for fragment_id, rle in rows:
-                fragment_id = str(fragment_id)
-                if not fragment_id.strip():
-                    raise InvalidInputError(
-                        f"submission {path}: a row has an empty Id, expected a fragment id"
-                    )
-                if fragment_id in seen:
-                    raise InvalidInputError(
-                        f"submission {path}: Id '{fragment_id}' given twice, expected one row "
-                        "per fragment"
-                    )
-                seen.add(fragment_id)
-                writer.writerow((fragment_id, rle))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(SUBMISSION_HEADER)
+        for fragment_id, rle in rows:
+            fragment_id = str(fragment_id)
+            if not fragment_id.strip():
+                raise InvalidInputError(
+                    f"submission {path}: a row has an empty Id, expected a fragment id"
+                )
+            if fragment_id in seen:
+                raise InvalidInputError(
+                    f"submission {path}: Id '{fragment_id}' given twice, expected one row "
+                    "per fragment"
+                )
+            seen.add(fragment_id)
+            writer.writerow((fragment_id, rle))
     return path
 
 

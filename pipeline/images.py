@@ -1,13 +1,11 @@
 """Read and write 2-D images (masks, labels, IR, pictures) with clear errors.
 
-PNG I/O goes through Pillow via imageio. Writes are atomic: a temporary file in the same folder
-is renamed over the target, so an interrupted write never leaves a half-written picture.
+PNG I/O goes through Pillow via imageio. Writes are atomic (:mod:`~.files`): an interrupted
+write never leaves a half-written picture.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputNotFoundError, InvalidInputError
+from .files import atomic_target
 
 Image.MAX_IMAGE_PIXELS = None  # real fragments are ~141 Mpx, above Pillow's bomb guard
 
@@ -76,25 +75,9 @@ def image_shape(path: Path, what: str = "image") -> tuple[int, int]:
         ) from None
 
 
-def atomic_path(target: Path) -> Path:
-    """Return a fresh temporary path next to ``target`` with the same suffix."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any file
-    return Path(tmp)
-
-
 def write_png(path: Path, image: NDArray[np.uint8]) -> Path:
     """Write a (H, W) or (H, W, 3) uint8 image as PNG atomically; return ``path``."""
     path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_target(path) as tmp:
         Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

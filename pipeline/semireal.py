@@ -90,6 +90,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from .errors import ConfigError, InputNotFoundError, InvalidInputError
+from .files import atomic_write
 from .images import read_gray, write_png
 from .synth import (
     COMPLETE_MARKER,
@@ -99,7 +100,6 @@ from .synth import (
     MIN_SIDE_PX,
     STARTED_MARKER,
     SynthFragment,
-    _atomic_open,
     _band_rows,
     _check_int,
     _is_complete,
@@ -781,10 +781,10 @@ def _write_fragment(
     slice_u16 = np.empty((h, w), dtype=np.uint16)
     for z in tqdm(range(LAYERS), desc=f"semireal {path.name}", unit="slice", disable=not progress):
         _render_slice(tex, frag, z, seed, float(cfg.ink_contrast), out=slice_u16)
-        with _atomic_open(volume_dir / f"{z:02d}.tif") as fh:
+        with atomic_write(volume_dir / f"{z:02d}.tif") as fh:
             tifffile.imwrite(fh, slice_u16)  # uncompressed, contiguous strips: read by offset
 
-    with _atomic_open(path / COMPLETE_MARKER) as fh:
+    with atomic_write(path / COMPLETE_MARKER) as fh:
         fh.write((json.dumps(params, indent=2, sort_keys=True) + "\n").encode())
     (path / STARTED_MARKER).unlink()
 

@@ -36,15 +36,12 @@ slices are rendered and written one by one in row bands, so a real-size fragment
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
 import tifffile
@@ -54,6 +51,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from .errors import ConfigError
+from .files import atomic_write
 from .images import write_png
 
 __all__ = ["SynthConfig", "SynthFragment", "synthesize", "synthesize_fragment"]
@@ -266,10 +264,10 @@ def synthesize_fragment(
     slice_u16 = np.empty((height_px, width_px), dtype=np.uint16)
     for z in tqdm(range(layers), desc=f"synth {path.name}", unit="slice", disable=not progress):
         _render_slice(fields, z, seed, out=slice_u16)
-        with _atomic_open(volume_dir / f"{z:0{digits}d}.tif") as fh:
+        with atomic_write(volume_dir / f"{z:0{digits}d}.tif") as fh:
             tifffile.imwrite(fh, slice_u16)  # uncompressed, contiguous strips: read by offset
 
-    with _atomic_open(path / COMPLETE_MARKER) as fh:
+    with atomic_write(path / COMPLETE_MARKER) as fh:
         fh.write((json.dumps(params, indent=2, sort_keys=True) + "\n").encode())
     (path / STARTED_MARKER).unlink()
 
@@ -300,22 +298,6 @@ def _check_fragment_args(
             f"ink_contrast must be a number in [0, 10] (in noise standard deviations; "
             f"{DEFAULT_INK_CONTRAST} is the default), got {ink_contrast!r}"
         )
-
-
-@contextlib.contextmanager
-def _atomic_open(target: Path) -> Iterator[BinaryIO]:
-    """Open a temporary file next to ``target`` for writing; rename it over ``target`` on success.
-
-    An interrupted write leaves at most a hidden ``.<name>.<pid>.tmp`` file, never a truncated
-    ``target``. The file gets the usual permissions (umask), unlike a ``mkstemp`` file.
-    """
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            yield fh
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_marker(path: Path) -> dict[str, Any] | None:

@@ -8,7 +8,6 @@ optimiser, scheduler and scaler states for ``--resume``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch import nn
 
 from inkpipe.pipeline import __version__
 from inkpipe.pipeline.errors import InputNotFoundError, InvalidInputError
-from inkpipe.pipeline.images import atomic_path
+from inkpipe.pipeline.files import atomic_target
 from inkpipe.pipeline.layers import LayerRange, parse_layers
 
 from .models import ModelSpec, build_model
@@ -62,12 +61,8 @@ class Checkpoint:
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` (plus format and version) to ``path`` atomically; return ``path``."""
     path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_target(path) as tmp:
         torch.save({"format": FORMAT, "version": __version__, **payload}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

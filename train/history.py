@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
-from inkpipe.pipeline.images import atomic_path
+from inkpipe.pipeline.files import atomic_target, atomic_write
 
 METRIC_FIELDS = (
     "epoch",
@@ -25,15 +24,10 @@ METRIC_FIELDS = (
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write the per-epoch metrics CSV (atomically)."""
-    tmp = atomic_path(path)
-    try:
-        with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def plot_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -57,13 +51,11 @@ def plot_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = atomic_path(path)
     try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
+        with atomic_target(path) as tmp:
+            fig.savefig(tmp, dpi=80, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def _num(v: Any) -> float:
