@@ -10,15 +10,14 @@ or ``LABELS/<id>.png``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from numpy.typing import ArrayLike
 
-from inkpipe.pipeline.errors import ConfigError, InputNotFoundError, InvalidInputError
+from inkpipe.pipeline.errors import InputNotFoundError, InvalidInputError
 from inkpipe.pipeline.images import read_binary
-from inkpipe.pipeline.metrics import confusion, fbeta_counts, precision_recall
+from inkpipe.pipeline.metrics import check_beta, confusion, fbeta_counts, precision_recall
 
 from .rle import decode_rle, read_submission
 
@@ -41,13 +40,7 @@ class EvaluateConfig:
         """Normalize paths and check ``beta``."""
         object.__setattr__(self, "submission", Path(self.submission))
         object.__setattr__(self, "labels", Path(self.labels))
-        try:
-            beta = float(self.beta)
-        except (TypeError, ValueError):
-            beta = math.nan
-        if not (math.isfinite(beta) and beta > 0):
-            raise ConfigError(f"beta must be a positive number, got {self.beta!r}; e.g. 0.5")
-        object.__setattr__(self, "beta", beta)
+        object.__setattr__(self, "beta", check_beta(self.beta))
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,12 @@ arrays of 0 and 1; any nonzero input pixel counts as 1.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
-from inkpipe.pipeline.errors import ConfigError, InvalidInputError
+from inkpipe.pipeline.checks import check_int, check_number
+from inkpipe.pipeline.errors import InvalidInputError
 
 # 8-connectivity: ink strokes touching at a corner are one blob.
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)
@@ -29,12 +28,6 @@ def _as_bool(name: str, mask: ArrayLike) -> NDArray[np.bool_]:
 def _as_uint8(mask: NDArray[np.bool_]) -> NDArray[np.uint8]:
     """View a bool array as uint8 0/1 without copying."""
     return np.ascontiguousarray(mask).view(np.uint8)
-
-
-def _check_count(name: str, value: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}; {hint}")
-    return int(value)
 
 
 def binarize(prob: ArrayLike, threshold: float) -> NDArray[np.uint8]:
@@ -55,20 +48,13 @@ def binarize(prob: ArrayLike, threshold: float) -> NDArray[np.uint8]:
         raise InvalidInputError(
             f"prob has shape {p.shape} and dtype {p.dtype}, expected a (H, W) float map"
         )
-    try:
-        t = float(threshold)
-    except (TypeError, ValueError):
-        t = math.nan
-    if not 0 <= t <= 1:
-        raise ConfigError(
-            f"threshold must be in [0, 1], got {threshold!r}; pick one with search_threshold"
-        )
+    t = check_number("threshold", threshold, 0, 1, hint="pick one with search_threshold")
     return _as_uint8(p >= p.dtype.type(t))
 
 
 def disk(radius_px: int) -> NDArray[np.bool_]:
     """Return a (2r+1, 2r+1) bool disk: pixels within ``radius_px`` of the centre."""
-    r = _check_count("radius_px", radius_px, "e.g. 2")
+    r = check_int("radius_px", radius_px, 0, "e.g. 2")
     y, x = np.ogrid[-r : r + 1, -r : r + 1]
     return (y * y + x * x) <= r * r
 
@@ -87,7 +73,7 @@ def open_mask(mask: ArrayLike, open_px: int) -> NDArray[np.uint8]:
         (H, W) uint8 array of 0 and 1.
     """
     m = _as_bool("mask", mask)
-    r = _check_count("open_px", open_px, "use 0 to disable the opening")
+    r = check_int("open_px", open_px, 0, "use 0 to disable the opening")
     if r == 0:
         return _as_uint8(m.copy())
     structure = disk(r)
@@ -106,7 +92,7 @@ def remove_small(mask: ArrayLike, min_area: int) -> NDArray[np.uint8]:
         (H, W) uint8 array of 0 and 1.
     """
     m = _as_bool("mask", mask)
-    min_area = _check_count("min_area", min_area, "use 0 to keep every blob")
+    min_area = check_int("min_area", min_area, 0, "use 0 to keep every blob")
     if min_area <= 1:
         return _as_uint8(m.copy())
     labels, _ = ndimage.label(m, structure=_CONNECTIVITY)

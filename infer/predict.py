@@ -23,7 +23,6 @@ per-fragment results, so the outputs say how they were made).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 
 from inkpipe.pipeline import __version__
 from inkpipe.pipeline.blending import sliding_window_predict
+from inkpipe.pipeline.checks import check_int, check_number, repeated
 from inkpipe.pipeline.errors import (
     ConfigError,
     InputNotFoundError,
@@ -151,34 +151,26 @@ class PredictConfig:
         if not self.fragments:
             where = "fragment ids of the store" if self.store else "fragment folders"
             raise ConfigError(f"no fragment given; pass one or more {where}")
-        dupes = sorted({f for f in self.fragments if self.fragments.count(f) > 1})
+        dupes = repeated(self.fragments)
         if dupes:
             raise ConfigError(f"fragments given twice: {dupes}; pass each fragment once")
         check_choice("TTA mode", self.tta, TTA_MODES)
         check_choice("device", self.device, DEVICES)
-        if not _is_number(self.overlap) or not 0 <= self.overlap <= MAX_OVERLAP:
-            raise ConfigError(
-                f"overlap must be in [0, {MAX_OVERLAP}], got {self.overlap!r}; 0.5 (half a tile) "
-                "is the usual choice"
-            )
-        if self.threshold is not None and (
-            not _is_number(self.threshold) or not 0 <= self.threshold <= 1
-        ):
-            raise ConfigError(
-                f"threshold must be in [0, 1], got {self.threshold!r}; omit it to use the "
-                "checkpoints' validation threshold"
+        check_number(
+            "overlap", self.overlap, 0, MAX_OVERLAP, hint="0.5 (half a tile) is the usual choice"
+        )
+        if self.threshold is not None:
+            check_number(
+                "threshold",
+                self.threshold,
+                0,
+                1,
+                hint="omit it to use the checkpoints' validation threshold",
             )
         for name, minimum in (("open_px", 0), ("min_area", 0), ("batch_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if not _is_number(self.cache_mb) or self.cache_mb <= 0:
-            raise ConfigError(f"cache_mb must be > 0, got {self.cache_mb!r}; e.g. 512")
-        if not _is_number(self.canvas_budget_mb) or self.canvas_budget_mb < 0:
-            raise ConfigError(
-                f"canvas_budget_mb must be >= 0, got {self.canvas_budget_mb!r}; "
-                "0 always uses memory maps"
-            )
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum))
+        check_number("cache_mb", self.cache_mb, 0, low_open=True, hint="e.g. 512")
+        check_number("canvas_budget_mb", self.canvas_budget_mb, 0, hint="0 always uses memory maps")
 
 
 @dataclass(frozen=True)
@@ -208,10 +200,6 @@ class _Models:
     checkpoints: tuple[Checkpoint, ...]
     layers: LayerRange
     tile_px: int
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def stride_for(tile_px: int, overlap: float) -> int:
@@ -283,8 +271,7 @@ def _check_folders(cfg: PredictConfig, layers: LayerRange) -> list[Path]:
         (source,) = discover_fragments(folder)
         layers.check(len(list_slices(source)), where=f"fragment {source.id} ({folder})")
         folders.append(folder)
-    ids = [f.name for f in folders]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    dupes = repeated(f.name for f in folders)
     if dupes:
         raise InvalidInputError(
             f"several folders are named {dupes}; fragment ids come from folder names and must "

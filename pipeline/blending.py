@@ -21,8 +21,9 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
+from .checks import check_int, check_number
 from .errors import ConfigError, InvalidInputError, check_choice
-from .windows import check_int, grid_windows
+from .windows import grid_windows
 
 Predictor = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 """(B, C, t, t) float32 -> (B, t, t) float32 (a (B, 1, t, t) output is also accepted)."""
@@ -50,10 +51,8 @@ def gaussian_importance(
         (tile_px, tile_px) float32 array in [min_weight, 1], maximum 1 at the centre.
     """
     tile_px = check_int("tile_px", tile_px, 1, "use the model's tile size, e.g. 256")
-    if not sigma_frac > 0:
-        raise ConfigError(f"sigma_frac must be > 0, got {sigma_frac!r}; the default is 1/8")
-    if not 0 < min_weight <= 1:
-        raise ConfigError(f"min_weight must be in (0, 1], got {min_weight!r}; the default is 1e-3")
+    check_number("sigma_frac", sigma_frac, 0, low_open=True, hint="the default is 1/8")
+    check_number("min_weight", min_weight, 0, 1, low_open=True, hint="the default is 1e-3")
     sigma = sigma_frac * tile_px
     centre = (tile_px - 1) / 2
     d = np.arange(tile_px, dtype=np.float64) - centre

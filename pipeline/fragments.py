@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checks import repeated
 from .errors import InputNotFoundError, InvalidInputError
 from .images import image_shape
 from .manifest import Manifest, ManifestFragment
@@ -125,8 +126,7 @@ def discover_fragments(root: Path, manifest: Manifest | None = None) -> list[Fra
             f"no fragments found in {root}: expected folders with {SLICE_DIR}/00.tif … and "
             f"{MASK_FILE}, laid out as train/<id>/, test/<id>/ or <id>/"
         )
-    ids = [f.id for f in found]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    dupes = repeated(f.id for f in found)
     if dupes:
         raise InvalidInputError(
             f"fragment ids found twice in {root}: {dupes}; rename one of the folders or use "

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .checks import repeated
 from .errors import ConfigError, InputNotFoundError, InvalidInputError
 
 
@@ -104,8 +105,7 @@ def load_manifest(path: Path) -> Manifest:
             raise InvalidInputError(
                 f"manifest {path}: fragment {fid} has a non-integer height_px/width_px/layers"
             ) from None
-    ids = [f.id for f in fragments]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    dupes = repeated(f.id for f in fragments)
     if dupes:
         raise InvalidInputError(f"manifest {path}: fragment ids listed twice: {dupes}")
     ingest = data.get("ingest") or {}

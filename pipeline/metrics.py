@@ -12,12 +12,12 @@ reproduces its score exactly.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from inkpipe.pipeline.checks import check_number
 from inkpipe.pipeline.errors import ConfigError, InvalidInputError
 
 DEFAULT_THRESHOLDS: NDArray[np.float64] = np.round(np.arange(0.05, 0.96, 0.05), 2)
@@ -26,14 +26,11 @@ DEFAULT_THRESHOLDS: NDArray[np.float64] = np.round(np.arange(0.05, 0.96, 0.05), 
 _CHUNK_PX = 1 << 22  # pixels per histogram chunk: bounds temporaries to tens of MB
 
 
-def _check_beta(beta: float) -> float:
-    try:
-        value = float(beta)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"beta must be a positive number, got {beta!r}; the competition used 0.5")
-    return value
+def check_beta(beta: float) -> float:
+    """Return the F-beta weight ``beta`` as a float, or raise :class:`ConfigError` unless > 0."""
+    return check_number(
+        "beta", beta, 0, low_open=True, kind="a number", hint="the competition used 0.5"
+    )
 
 
 def precision_recall(tp: int, fp: int, fn: int) -> tuple[float, float]:
@@ -71,7 +68,7 @@ def fbeta_counts(tp: int, fp: int, fn: int, beta: float = 0.5) -> float:
         ConfigError: ``beta`` is not a positive number.
         InvalidInputError: a count is negative.
     """
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     if min(tp, fp, fn) < 0:
         raise InvalidInputError(f"counts must be >= 0, got tp={tp}, fp={fp}, fn={fn}")
     if tp == 0:
@@ -189,7 +186,7 @@ def search_threshold(
         InvalidInputError: shapes differ, ``prob`` is not floating, or it contains NaN.
         ConfigError: ``thresholds`` or ``beta`` is invalid.
     """
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     p = np.asarray(prob)
     if not np.issubdtype(p.dtype, np.floating):
         raise InvalidInputError(

@@ -89,6 +89,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from .checks import check_int, check_number
 from .errors import ConfigError, InputNotFoundError, InvalidInputError
 from .files import atomic_write
 from .images import read_gray, write_png
@@ -101,7 +102,6 @@ from .synth import (
     STARTED_MARKER,
     SynthFragment,
     _band_rows,
-    _check_int,
     _is_complete,
     _make_mask,
     _prepare_folder,
@@ -190,14 +190,6 @@ def default_realdata_dir() -> Path:
     )
 
 
-def _check_float(name: str, value: object, low: float, high: float, hint: str) -> float:
-    if isinstance(value, (int, float, np.floating)) and not isinstance(value, bool):
-        number = float(value)
-        if math.isfinite(number) and low <= number <= high:
-            return number
-    raise ConfigError(f"{name} must be a number in [{low}, {high}] ({hint}), got {value!r}")
-
-
 @dataclass(frozen=True)
 class SemiRealConfig:
     """What :func:`synthesize_semireal` writes.
@@ -233,29 +225,32 @@ class SemiRealConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
-        _check_int("n_train", self.n_train, 0)
-        _check_int("n_test", self.n_test, 0, MAX_TEST_FRAGMENTS)
+        check_int("n_train", self.n_train, 0)
+        check_int("n_test", self.n_test, 0, maximum=MAX_TEST_FRAGMENTS)
         if self.n_train + self.n_test == 0:
             raise ConfigError("n_train + n_test must be at least 1, got 0 fragments to write")
-        _check_int("height_px", self.height_px, MIN_SIDE_PX)
-        _check_int("width_px", self.width_px, MIN_SIDE_PX)
-        _check_int("seed", self.seed, 0)
-        _check_float(
+        check_int("height_px", self.height_px, MIN_SIDE_PX)
+        check_int("width_px", self.width_px, MIN_SIDE_PX)
+        check_int("seed", self.seed, 0)
+        check_number(
             "ink_contrast",
             self.ink_contrast,
             0.0,
             10.0,
-            f"in local real-texture standard deviations; {DEFAULT_INK_CONTRAST} is the default",
+            kind="a number",
+            hint=(
+                f"in local real-texture standard deviations, {DEFAULT_INK_CONTRAST} is the default"
+            ),
         )
-        scale = _check_float(
+        check_number(
             "label_scale",
             self.label_scale,
             0.0,
             1.0,
-            f"the label images' downscaling factor; {DEFAULT_LABEL_SCALE} is the default",
+            low_open=True,
+            kind="a number",
+            hint=f"the label images' downscaling factor, {DEFAULT_LABEL_SCALE} is the default",
         )
-        if scale == 0.0:
-            raise ConfigError(f"label_scale must be > 0, got {self.label_scale!r}; e.g. 0.25")
         for name, sub in (("texture_dir", "ct_crop"), ("labels_dir", "labels")):
             value = getattr(self, name)
             path = default_realdata_dir() / sub if value is None else Path(value)

@@ -50,6 +50,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
+from .checks import check_int, check_number
 from .errors import ConfigError
 from .files import atomic_write
 from .images import write_png
@@ -123,8 +124,8 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
-        _check_int("n_train", self.n_train, 0)
-        _check_int("n_test", self.n_test, 0, MAX_TEST_FRAGMENTS)
+        check_int("n_train", self.n_train, 0)
+        check_int("n_test", self.n_test, 0, maximum=MAX_TEST_FRAGMENTS)
         if self.n_train + self.n_test == 0:
             raise ConfigError("n_train + n_test must be at least 1, got 0 fragments to write")
         _check_fragment_args(
@@ -275,29 +276,21 @@ def synthesize_fragment(
 # --------------------------------------------------------------------------- validation
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if ok and value >= low and (high is None or value <= high):  # type: ignore[operator]
-        return
-    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-    raise ConfigError(f"{name} must be {expected}, got {value!r}")
-
-
 def _check_fragment_args(
     height_px: int, width_px: int, layers: int, seed: int, ink_contrast: float
 ) -> None:
-    _check_int("height_px", height_px, MIN_SIDE_PX)
-    _check_int("width_px", width_px, MIN_SIDE_PX)
-    _check_int("layers", layers, MIN_LAYERS, MAX_LAYERS)
-    _check_int("seed", seed, 0)
-    number = isinstance(ink_contrast, (int, float, np.floating)) and not isinstance(
-        ink_contrast, bool
+    check_int("height_px", height_px, MIN_SIDE_PX)
+    check_int("width_px", width_px, MIN_SIDE_PX)
+    check_int("layers", layers, MIN_LAYERS, maximum=MAX_LAYERS)
+    check_int("seed", seed, 0)
+    check_number(
+        "ink_contrast",
+        ink_contrast,
+        0.0,
+        10.0,
+        kind="a number",
+        hint=f"in noise standard deviations, {DEFAULT_INK_CONTRAST} is the default",
     )
-    if not number or not 0.0 <= float(ink_contrast) <= 10.0:
-        raise ConfigError(
-            f"ink_contrast must be a number in [0, 10] (in noise standard deviations; "
-            f"{DEFAULT_INK_CONTRAST} is the default), got {ink_contrast!r}"
-        )
 
 
 def _read_marker(path: Path) -> dict[str, Any] | None:

@@ -11,17 +11,11 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
+from .checks import check_int, check_number
 from .errors import ConfigError
 
 # Columns of a fragment's window index (one int32 row per window).
 WINDOW_COLUMNS = ("y0", "x0", "mask_px", "ink_px")
-
-
-def check_int(name: str, value: int, minimum: int, hint: str) -> int:
-    """Return ``value`` as int if it is an integer >= ``minimum``, else raise ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
-    return int(value)
 
 
 def check_tile(tile_px: int, stride_px: int) -> None:
@@ -126,8 +120,7 @@ def index_windows(
     Returns:
         (n, 4) int32 array with columns ``WINDOW_COLUMNS`` = (y0, x0, mask_px, ink_px).
     """
-    if not 0.0 <= min_coverage < 1.0:
-        raise ConfigError(f"minimum mask coverage must be in [0, 1), got {min_coverage}")
+    check_number("minimum mask coverage", min_coverage, 0.0, 1.0, high_open=True)
     origins = grid_windows(mask.shape[0], mask.shape[1], tile_px, stride_px)
     mask_px = window_sums(mask, origins, tile_px)
     keep = mask_px > min_coverage * tile_px * tile_px

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from inkpipe.pipeline.errors import ConfigError, check_choice
+from inkpipe.pipeline.checks import check_number
+from inkpipe.pipeline.errors import check_choice
 
 __all__ = [
     "DICE_SMOOTH",
@@ -72,22 +73,10 @@ class LossSpec:
 
     def __post_init__(self) -> None:
         check_choice("loss", self.name, LOSS_NAMES)
-        _check_range("focal_alpha", self.focal_alpha, 0.0, 1.0, closed=True)
-        if not _is_number(self.focal_gamma) or self.focal_gamma < 0:
-            raise ConfigError(f"focal_gamma must be >= 0, got {self.focal_gamma!r}")
-        _check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, closed=False)
-        _check_range("dice_weight", self.dice_weight, 0.0, 1.0, closed=True)
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _check_range(name: str, value: object, lo: float, hi: float, closed: bool) -> None:
-    ok = _is_number(value) and lo <= value <= hi and (closed or value < hi)  # type: ignore[operator]
-    if not ok:
-        bracket = "]" if closed else ")"
-        raise ConfigError(f"{name} must be in [{lo:g}, {hi:g}{bracket}, got {value!r}")
+        check_number("focal_alpha", self.focal_alpha, 0.0, 1.0)
+        check_number("focal_gamma", self.focal_gamma, 0.0)
+        check_number("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        check_number("dice_weight", self.dice_weight, 0.0, 1.0)
 
 
 class _Loss:

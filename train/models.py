@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inkpipe.pipeline.checks import check_int, check_number, is_int
 from inkpipe.pipeline.errors import ConfigError, OfflineError, check_choice, closest
 
 from .nets import AttentionGate, AttentionUNet, DoubleConv
@@ -92,18 +93,15 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         check_choice("model", self.name, MODEL_NAMES)
-        if not _is_int(self.in_channels) or self.in_channels < 1:
-            raise ConfigError(f"in_channels must be an integer >= 1, got {self.in_channels!r}")
+        object.__setattr__(self, "in_channels", check_int("in_channels", self.in_channels, 1))
         widths = tuple(self.widths) if isinstance(self.widths, (list, tuple)) else None
-        if widths is None or len(widths) != 3 or not all(_is_int(w) and w >= 1 for w in widths):
+        if widths is None or len(widths) != 3 or not all(is_int(w) and w >= 1 for w in widths):
             raise ConfigError(
                 f"widths must be three positive integers like (40, 80, 160), got {self.widths!r}"
             )
-        object.__setattr__(self, "widths", widths)
+        object.__setattr__(self, "widths", tuple(int(w) for w in widths))
         for field_name in ("dropout_encoder", "dropout_decoder"):
-            p = getattr(self, field_name)
-            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
-                raise ConfigError(f"{field_name} must be in [0, 1), got {p!r}")
+            check_number(field_name, getattr(self, field_name), 0.0, 1.0, high_open=True)
         if not isinstance(self.encoder_weights, str) or not self.encoder_weights.strip():
             raise ConfigError(
                 "encoder_weights must be 'imagenet', 'none' or a path to a local encoder "
@@ -164,10 +162,6 @@ class ModelSpec:
         if "widths" in kwargs and isinstance(kwargs["widths"], list):
             kwargs["widths"] = tuple(kwargs["widths"])
         return cls(**kwargs)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 # --------------------------------------------------------------------------------------------

@@ -125,6 +125,13 @@ def test_single_fragment_folder_and_folder_of_fragments(tmp_path):
     assert [r.id for r in results] == ["frag7"]
 
 
+def test_the_same_id_in_train_and_test_is_an_error(tmp_path):
+    write_fragment(tmp_path / "train" / "5", seed=4)
+    write_fragment(tmp_path / "test" / "5", seed=5, labels=False)
+    with pytest.raises(InvalidInputError, match=r"fragment ids found twice in .*\['5'\]"):
+        run(tmp_path, tmp_path / "a.zarr")
+
+
 def test_other_layer_count_is_recorded(tmp_path):
     write_fragment(tmp_path / "f" / "x", layers=7)
     run(tmp_path / "f", tmp_path / "s.zarr")
@@ -168,6 +175,10 @@ def test_manifest_selects_checks_and_groups(fragments_dir, tmp_path):
         run(fragments_dir, tmp_path / "t.zarr", manifest=m)
     m.write_text(yaml.safe_dump({"fragments": [{"id": "9", "path": "train/9"}]}))
     with pytest.raises(InputNotFoundError, match="train/9"):
+        run(fragments_dir, tmp_path / "t.zarr", manifest=m)
+    twice = [{"id": "1", "path": "train/1"}, {"id": "1", "path": "test/a"}]
+    m.write_text(yaml.safe_dump({"fragments": twice}))
+    with pytest.raises(InvalidInputError, match=r"fragment ids listed twice: \['1'\]"):
         run(fragments_dir, tmp_path / "t.zarr", manifest=m)
     assert not (tmp_path / "t.zarr").exists()
 
