@@ -53,7 +53,7 @@ from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.memory import retain_freed_memory
 from inkpipe.pipeline.store import Fragment, open_fragment, open_store
 from inkpipe.pipeline.volume import Normalizer, VolumeView
-from inkpipe.pipeline.windows import tile_starts
+from inkpipe.pipeline.windows import grid_windows, holds_valid_pixel
 from inkpipe.train.checkpoint import (
     DEVICES,
     Checkpoint,
@@ -307,23 +307,17 @@ def resolve_fragments(
 def count_windows(valid: NDArray[Any], tile_px: int, stride_px: int) -> int:
     """Count the grid windows holding at least one valid pixel (those that get predicted).
 
-    Same grid as :func:`~inkpipe.pipeline.windows.grid_windows`; per row of windows, a column
-    prefix sum of "any valid pixel in these rows" counts the windows at once.
+    The windows :func:`~inkpipe.pipeline.blending.sliding_window_predict` predicts: those of
+    :func:`~inkpipe.pipeline.windows.grid_windows` that pass
+    :func:`~inkpipe.pipeline.windows.holds_valid_pixel`.
 
     Args:
-        valid: (H, W) array, nonzero where valid (the papyrus mask).
+        valid: (H, W) bool or non-negative integer array, nonzero where valid (the papyrus
+            mask).
         tile_px: window side in pixels; stride_px: step between windows.
     """
-    height, width = valid.shape
-    ys = tile_starts(height, tile_px, stride_px)
-    xs = tile_starts(width, tile_px, stride_px)
-    x1 = np.minimum(xs + tile_px, width)
-    n = 0
-    for y in ys.tolist():
-        cols = np.asarray(valid[y : y + tile_px]).any(axis=0)
-        prefix = np.concatenate([[0], np.cumsum(cols)])
-        n += int(np.count_nonzero(prefix[x1] - prefix[xs]))
-    return n
+    origins = grid_windows(valid.shape[0], valid.shape[1], tile_px, stride_px)
+    return int(np.count_nonzero(holds_valid_pixel(valid, origins, tile_px)))
 
 
 def _with_progress(predictor: BatchPredictor, bar: Any) -> BatchPredictor:

@@ -23,7 +23,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from .checks import check_int, check_number
 from .errors import ConfigError, InvalidInputError, check_choice
-from .windows import grid_windows
+from .windows import grid_windows, holds_valid_pixel
 
 Predictor = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 """(B, C, t, t) float32 -> (B, t, t) float32 (a (B, 1, t, t) output is also accepted)."""
@@ -204,11 +204,6 @@ def _batches(items: NDArray[np.int64], batch_size: int) -> Iterator[NDArray[np.i
         yield items[lo : lo + batch_size]
 
 
-def _window_has_valid(valid: NDArray[np.bool_], origins: NDArray[np.int64], t: int) -> NDArray:
-    """Return an (n,) bool array, True where window i holds at least one valid pixel."""
-    return np.array([bool(valid[y : y + t, x : x + t].any()) for y, x in origins.tolist()], bool)
-
-
 def sliding_window_predict(
     image: ArrayLike,
     predictor: Predictor,
@@ -266,7 +261,7 @@ def sliding_window_predict(
                 f"valid mask has shape {valid_arr.shape}, expected ({height}, {width}) to match "
                 "the image; pass the fragment's papyrus mask"
             )
-        origins = origins[_window_has_valid(valid_arr != 0, origins, t)]
+        origins = origins[holds_valid_pixel(valid_arr != 0, origins, t)]
 
     source: Any = image  # NumPy, memmap or Zarr: anything sliceable
     if height < t or width < t:

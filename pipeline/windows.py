@@ -82,8 +82,9 @@ def window_sums(image: NDArray, origins: NDArray[np.int64], tile_px: int) -> NDA
     ``rows_of_windows * tile_px * W`` additions and memory O(W).
 
     Args:
-        image: (H, W) array of small non-negative integers (e.g. uint8 0/1 masks).
-        origins: (n, 2) window origins (y0, x0), each window inside ``image``.
+        image: (H, W) array of small non-negative integers or bools (e.g. uint8 0/1 masks).
+        origins: (n, 2) window origins (y0, x0) inside ``image``; a window may overhang the
+            bottom/right edge (the overhang adds nothing).
         tile_px: window size.
 
     Returns:
@@ -98,6 +99,23 @@ def window_sums(image: NDArray, origins: NDArray[np.int64], tile_px: int) -> NDA
         x1 = np.minimum(x0 + tile_px, image.shape[1])
         sums[rows] = cum[x1] - cum[x0]
     return sums
+
+
+def holds_valid_pixel(
+    valid: NDArray, origins: NDArray[np.int64], tile_px: int
+) -> NDArray[np.bool_]:
+    """Return which windows hold at least one valid pixel (the windows worth predicting).
+
+    Args:
+        valid: (H, W) bool or non-negative integer array, nonzero where valid (the papyrus
+            mask).
+        origins: (n, 2) window origins (y0, x0), as for :func:`window_sums`.
+        tile_px: window size.
+
+    Returns:
+        (n,) bool array, in the order of ``origins``.
+    """
+    return window_sums(valid, origins, tile_px) > 0
 
 
 def index_windows(

@@ -5,7 +5,13 @@ from hypothesis import strategies as st
 
 from inkpipe.pipeline.errors import ConfigError
 from inkpipe.pipeline.layers import LayerRange, parse_layers
-from inkpipe.pipeline.windows import grid_windows, index_windows, tile_starts, window_sums
+from inkpipe.pipeline.windows import (
+    grid_windows,
+    holds_valid_pixel,
+    index_windows,
+    tile_starts,
+    window_sums,
+)
 
 
 @given(st.integers(1, 700), st.integers(8, 128), st.data())
@@ -41,6 +47,15 @@ def test_window_sums_match_direct_sum(h, w, tile, data):
     sums = window_sums(img, origins, tile)
     direct = [img[y : y + tile, x : x + tile].sum() for y, x in origins]
     assert list(sums) == direct
+
+
+@given(st.integers(1, 90), st.integers(1, 90), st.integers(8, 40), st.data())
+def test_holds_valid_pixel_matches_any(h, w, tile, data):
+    stride = data.draw(st.integers(1, tile))
+    valid = np.random.default_rng(h * 100 + w).random((h, w)) > 0.995  # a few valid pixels
+    origins = grid_windows(h, w, tile, stride)
+    direct = [valid[y : y + tile, x : x + tile].any() for y, x in origins]
+    assert holds_valid_pixel(valid, origins, tile).tolist() == direct
 
 
 def test_index_windows_counts_and_coverage():
