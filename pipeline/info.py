@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .store import open_fragments
+from .windows import INK_PX
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def summarize_store(path: Path) -> list[FragmentSummary]:
     rows = []
     for frag in open_fragments(path):
         w = frag.windows()
-        pos = int((w[:, 3] > 0).sum()) if len(w) else 0
+        pos = int((w[:, INK_PX] > 0).sum()) if len(w) else 0
         z, h, wd = frag.meta.shape
         rows.append(
             FragmentSummary(

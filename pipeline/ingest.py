@@ -38,7 +38,7 @@ from .store import (
     write_windows,
 )
 from .tiff import SliceInfo, read_rows
-from .windows import index_windows
+from .windows import INK_PX, index_windows
 
 HIST_SHIFT = 4  # layer histograms have 65536 >> 4 = 4096 bins of 16 grey levels
 HIST_BINS = 65536 >> HIST_SHIFT
@@ -219,7 +219,7 @@ def _ingest_one(
     seconds = time.perf_counter() - t0
     meta = replace(meta, extra={**meta.extra, "ingest_seconds": round(seconds, 3)})
     finish_fragment(root, group, meta)
-    n_pos = int((windows[:, 3] > 0).sum()) if len(windows) else 0
+    n_pos = int((windows[:, INK_PX] > 0).sum()) if len(windows) else 0
     log(
         f"fragment {src.id}: {frag.shape[0]}x{frag.shape[1]}x{frag.shape[2]} ingested in "
         f"{seconds:.1f} s ({input_bytes / 1e6 / max(seconds, 1e-9):.0f} MB/s), "

@@ -14,8 +14,9 @@ from numpy.typing import NDArray
 from .checks import check_int, check_number
 from .errors import ConfigError
 
-# Columns of a fragment's window index (one int32 row per window).
+# Columns of a fragment's window index (one int32 row per window): ``windows[:, INK_PX]``.
 WINDOW_COLUMNS = ("y0", "x0", "mask_px", "ink_px")
+Y0, X0, MASK_PX, INK_PX = range(len(WINDOW_COLUMNS))
 
 
 def check_tile(tile_px: int, stride_px: int) -> None:
@@ -91,11 +92,11 @@ def window_sums(image: NDArray, origins: NDArray[np.int64], tile_px: int) -> NDA
         (n,) int64 sums, in the order of ``origins``.
     """
     sums = np.zeros(len(origins), dtype=np.int64)
-    for y0 in np.unique(origins[:, 0]):
-        rows = np.flatnonzero(origins[:, 0] == y0)
+    for y0 in np.unique(origins[:, Y0]):
+        rows = np.flatnonzero(origins[:, Y0] == y0)
         band = image[y0 : y0 + tile_px].sum(axis=0, dtype=np.int64)
         cum = np.concatenate([[0], np.cumsum(band)])
-        x0 = origins[rows, 1]
+        x0 = origins[rows, X0]
         x1 = np.minimum(x0 + tile_px, image.shape[1])
         sums[rows] = cum[x1] - cum[x0]
     return sums

@@ -15,13 +15,10 @@ from numpy.typing import NDArray
 
 from inkpipe.pipeline.errors import ConfigError, TrainingError
 from inkpipe.pipeline.store import Fragment, open_fragments
-from inkpipe.pipeline.windows import index_windows
+from inkpipe.pipeline.windows import INK_PX, X0, Y0, index_windows
 
 from .config import TrainConfig
 from .data import CropTable, WindowSet
-
-# Columns of the window index (pipeline.windows.WINDOW_COLUMNS)
-Y0, X0, MASK_PX, INK_PX = range(4)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from inkpipe.pipeline.store import (
     open_fragments,
     open_store,
 )
+from inkpipe.pipeline.windows import INK_PX
 from tests.conftest import TINY, write_fragment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +57,7 @@ def test_ingest_roundtrip(fragments_dir, tmp_path):
         assert mpx == f.mask()[y0 : y0 + 32, x0 : x0 + 32].sum()
         assert ink == f.labels()[y0 : y0 + 32, x0 : x0 + 32].sum()
         assert mpx > 0.1 * 32 * 32
-    assert (w[:, 3] > 0).any() and (w[:, 3] == 0).any()
+    assert (w[:, INK_PX] > 0).any() and (w[:, INK_PX] == 0).any()
     attrs = f.group["windows"].attrs
     assert attrs["tile_px"] == 32 and attrs["stride_px"] == 16
     assert "surface_volume/00.tif" in f.meta.sources

@@ -6,6 +6,10 @@ from hypothesis import strategies as st
 from inkpipe.pipeline.errors import ConfigError
 from inkpipe.pipeline.layers import LayerRange, parse_layers
 from inkpipe.pipeline.windows import (
+    INK_PX,
+    MASK_PX,
+    X0,
+    Y0,
     grid_windows,
     holds_valid_pixel,
     index_windows,
@@ -65,10 +69,10 @@ def test_index_windows_counts_and_coverage():
     labels[0:10, 0:10] = 1
     labels[60:70, 60:70] = 1  # outside the mask: never counted
     w = index_windows(mask, labels, tile_px=20, stride_px=20, min_coverage=0.1)
-    assert set(w[:, 0]) == {0, 20, 40}  # the window at 40 is half papyrus, 60+ has none
-    assert w[(w[:, 0] == 0) & (w[:, 1] == 0), 3].item() == 100
-    assert w[:, 3].sum() == 100
-    assert np.all(w[w[:, 0] == 40, 2] == 200)
+    assert set(w[:, Y0]) == {0, 20, 40}  # the window at 40 is half papyrus, 60+ has none
+    assert w[(w[:, Y0] == 0) & (w[:, X0] == 0), INK_PX].item() == 100
+    assert w[:, INK_PX].sum() == 100
+    assert np.all(w[w[:, Y0] == 40, MASK_PX] == 200)
 
 
 def test_parse_layers():

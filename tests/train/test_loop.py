@@ -9,6 +9,7 @@ import torch
 from inkpipe.pipeline.errors import ConfigError, TrainingError
 from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.layers import LayerRange
+from inkpipe.pipeline.windows import X0, Y0
 from inkpipe.train import loop as loop_mod
 from inkpipe.train.checkpoint import load_checkpoint, model_from_checkpoint
 from inkpipe.train.config import TrainConfig, parse_validation
@@ -103,7 +104,7 @@ def test_held_out_patches_do_not_overlap_and_are_excluded(tiny_store):
             assert a[0] != b[0] or abs(a[1] - b[1]) >= 32 or abs(a[2] - b[2]) >= 32
     for s in plan.train_sets:
         for _, y, x in held[held[:, 0] == s.fragment]:
-            near = (np.abs(s.windows[:, 0] - y) < 36) & (np.abs(s.windows[:, 1] - x) < 36)
+            near = (np.abs(s.windows[:, Y0] - y) < 36) & (np.abs(s.windows[:, X0] - x) < 36)
             assert not near.any()
 
 
