@@ -207,6 +207,6 @@ def ingest_command(
 @click.argument("store", type=click.Path(path_type=Path))
 def info_command(store: Path) -> None:
     """Show the fragments of a store: shapes, windows, size on disk, compression."""
-    from inkpipe.pipeline.info import format_table, summarize_store
+    from inkpipe.pipeline.info import format_summaries, summarize_store
 
-    click.echo(format_table(summarize_store(store)))
+    click.echo(format_summaries(summarize_store(store)))

@@ -18,6 +18,7 @@ from numpy.typing import ArrayLike
 from inkpipe.pipeline.errors import InputNotFoundError, InvalidInputError
 from inkpipe.pipeline.images import read_binary
 from inkpipe.pipeline.metrics import check_beta, confusion, fbeta_counts, precision_recall
+from inkpipe.pipeline.text import format_table
 
 from .rle import decode_rle, read_submission
 
@@ -84,16 +85,7 @@ class EvaluationReport:
             "",
             "",
         )
-        table = [header, *rows, mean]
-        widths = [max(len(row[c]) for row in table) for c in range(len(header))]
-
-        def fmt(row: tuple[str, ...]) -> str:
-            cells = [row[0].ljust(widths[0])]
-            cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
-            return "  ".join(cells).rstrip()
-
-        rule = "  ".join("-" * w for w in widths)
-        return "\n".join([fmt(header), rule, *(fmt(r) for r in rows), rule, fmt(mean)])
+        return format_table(header, rows, footer=[mean])
 
 
 def find_label_image(labels_dir: Path, fragment_id: str) -> Path:

@@ -52,6 +52,7 @@ from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.memory import retain_freed_memory
 from inkpipe.pipeline.store import Fragment, open_fragment, open_store
+from inkpipe.pipeline.text import format_table
 from inkpipe.pipeline.volume import Normalizer, VolumeView
 from inkpipe.pipeline.windows import grid_windows, holds_valid_pixel
 from inkpipe.train.checkpoint import (
@@ -568,17 +569,9 @@ def format_predictions(results: Sequence[FragmentPrediction], out: Path) -> str:
         (r.id, f"{r.shape[0]} x {r.shape[1]}", f"{r.ink_fraction:.1%}", f"{r.seconds:.1f}")
         for r in results
     ]
-    table = [header, *rows]
-    widths = [max(len(row[c]) for row in table) for c in range(len(header))]
-
-    def fmt(row: tuple[str, ...]) -> str:
-        cells = [row[0].ljust(widths[0])]
-        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
-        return "  ".join(cells).rstrip()
-
-    lines = [fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
     out = Path(out)
-    lines += [
+    lines = [
+        format_table(header, rows),
         f"submission: {out / SUBMISSION}",
         f"pictures:   {out}/<id>_probability.png, <id>_mask.png, <id>_overlay.png",
         f"settings:   {out / RECORD}",

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .store import open_fragments
+from .text import format_table
 from .windows import INK_PX
 
 
@@ -58,7 +57,7 @@ def summarize_store(path: Path) -> list[FragmentSummary]:
     return rows
 
 
-def format_table(rows: list[FragmentSummary]) -> str:
+def format_summaries(rows: list[FragmentSummary]) -> str:
     """Render summaries as an aligned text table with a total line."""
     header = (
         "fragment",
@@ -101,12 +100,7 @@ def format_table(rows: list[FragmentSummary]) -> str:
                 f"{raw / max(stored, 1):.2f}",
             )
         )
-    widths = np.max([[len(c) for c in row] for row in [header, *body]], axis=0)
-    lines = [
-        "  ".join(c.ljust(int(w)) for c, w in zip(row, widths)).rstrip() for row in [header, *body]
-    ]
-    lines.insert(1, "  ".join("-" * int(w) for w in widths))
-    return "\n".join(lines)
+    return format_table(header, body, align="l" * len(header))
 
 
 def _human(n: int) -> str:
