@@ -69,7 +69,7 @@ def loader_pass(store: Path, frag_dir: Path, k: int, mode: str, n: int, extras: 
     epochs = []
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
-        epochs.append(list(sampler))
+        epochs.append([key for batch in sampler for key in batch])
     batches = [[keys[i : i + 16] for i in range(0, n, 16)] for keys in epochs]
     ds = CropDataset([frag], layers, 224, augment=None, cache_mb=1024)
     transform = ds._normalise if mode == "normalised" else None

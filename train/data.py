@@ -1,10 +1,11 @@
 """Stream training crops from the store: samplers yield coordinates, datasets read pixels.
 
 A crop is ``(fragment index, y0, x0)``: the (k, tile, tile) block of the chosen layer range at
-that origin. :class:`WindowSampler` draws crops from the window index stored at ingest (a
-positive:negative mix, jittered, seeded) and orders them in a serpentine sweep over each
+that origin. :class:`WindowSampler`, a batch sampler, draws crops from the window index (a
+positive:negative mix, jittered, seeded), orders them in a serpentine sweep over each
 fragment, one stream per DataLoader worker, so consecutive crops of a worker share Zarr
-chunks. :class:`CropDataset` cuts crops out of a bounded LRU cache of decoded blocks
+chunks, and yields them as batches that name the batch to read ahead. :class:`CropDataset`
+cuts crops out of a bounded LRU cache of decoded blocks
 (:class:`BlockCache`): each chunk is decoded once and serves every crop that touches it while
 it stays cached, and a batch's blocks are decoded by a read-ahead thread while its crops are
 cut, normalised and augmented.
@@ -145,18 +146,35 @@ def interleave_batches(streams: Sequence[CropTable], batch_size: int) -> CropTab
     return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
 
 
-class CropKey(tuple[int, int, int]):
-    """A crop ``(fragment, y0, x0)`` as the sampler yields it; equal to the plain tuple.
+class CropBatch(list[tuple[int, int, int]]):
+    """One batch of crops ``(fragment, y0, x0)`` as the batch sampler yields it.
 
-    The last key of each batch carries ``read_ahead``: the crops of the batch the same
-    DataLoader worker reads next, so the dataset can decode their blocks in the background.
+    ``read_ahead`` holds the crops of the batch the same DataLoader worker reads next, so the
+    dataset can decode their blocks in the background while this batch is cut. A DataLoader
+    deals batches to its workers in turn (batch ``b`` to worker ``b % num_workers``); were it
+    to deal them otherwise, the hint would only be wrong, never the data.
     """
 
     read_ahead: tuple[tuple[int, int, int], ...] = ()
 
+    def __reduce__(self) -> Any:
+        """Pickle with ``read_ahead`` (batches travel to DataLoader worker processes)."""
+        return (_rebuild_batch, (list(self), self.read_ahead))
 
-class WindowSampler(Sampler[tuple[int, int, int]]):
-    """Draw training crops from window indexes, region-ordered, reproducibly.
+
+def _rebuild_batch(
+    crops: list[tuple[int, int, int]], read_ahead: tuple[tuple[int, int, int], ...]
+) -> CropBatch:
+    batch = CropBatch(crops)
+    batch.read_ahead = read_ahead
+    return batch
+
+
+class WindowSampler(Sampler[CropBatch]):
+    """Draw training batches from window indexes, region-ordered, reproducibly.
+
+    A batch sampler (pass it as ``DataLoader(batch_sampler=…)``): it yields
+    :class:`CropBatch` values, each telling the dataset which batch to read ahead.
 
     Each epoch draws ``samples_per_epoch`` crops: ``pos_fraction`` of them from windows with
     ink, the rest from windows without (or from the hard-negative pool when one is set), each
@@ -245,27 +263,23 @@ class WindowSampler(Sampler[tuple[int, int, int]]):
             out[sel, 2] = np.clip(out[sel, 2], 0, max(w - self.tile_px, 0))
         return out
 
-    def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        """Yield this rank's crops of the current epoch as (fragment, y0, x0)."""
-        crops = self.draw(self.epoch)
-        batches = [crops[i : i + self.batch_size] for i in range(0, len(crops), self.batch_size)]
-        mine = batches[self.rank :: self.world_size]
-        for b, batch in enumerate(mine):
-            for j, row in enumerate(batch.tolist()):
-                key = CropKey(row)
-                if j == len(batch) - 1 and b + self.num_workers < len(mine):
-                    # a DataLoader deals batches to workers in turn
-                    key.read_ahead = tuple(map(tuple, mine[b + self.num_workers].tolist()))
-                yield key
+    def batches(self, epoch: int) -> list[CropBatch]:
+        """Return this rank's batches of ``epoch``, each with the batch it reads ahead."""
+        crops = self.draw(epoch)
+        rows = [crops[i : i + self.batch_size] for i in range(0, len(crops), self.batch_size)]
+        mine = [CropBatch(map(tuple, b.tolist())) for b in rows[self.rank :: self.world_size]]
+        for b, batch in enumerate(mine[: len(mine) - self.num_workers]):
+            batch.read_ahead = tuple(mine[b + self.num_workers])  # the same worker's next one
+        return mine
+
+    def __iter__(self) -> Iterator[CropBatch]:
+        """Yield this rank's batches of the current epoch."""
+        yield from self.batches(self.epoch)
 
     def __len__(self) -> int:
-        """Crops this rank yields per epoch."""
+        """Batches this rank yields per epoch."""
         n_batches = -(-self.samples // self.batch_size)
-        mine = len(range(self.rank, n_batches, self.world_size))
-        last_short = self.samples % self.batch_size
-        if last_short and (n_batches - 1) % self.world_size == self.rank:
-            return (mine - 1) * self.batch_size + last_short
-        return mine * self.batch_size
+        return len(range(self.rank, n_batches, self.world_size))
 
 
 def shifted_range(layers: LayerRange, shift: int, available: int) -> LayerRange:
@@ -379,10 +393,11 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
     ) -> Iterator[Any]:
         """Yield the (k, t, t) uint16 crops at ``keys`` (``transform(fragment, crop)`` of them).
 
-        The blocks of the batch announced in the last key's ``read_ahead`` are read ahead.
+        The blocks of the batch announced in ``keys.read_ahead`` (a :class:`CropBatch`) are
+        read ahead.
         """
         checked = [self._check_key(key) for key in keys]
-        ahead = [a for key in keys for a in getattr(key, "read_ahead", ())]
+        ahead = list(getattr(keys, "read_ahead", ()))
         return self.cache.read_many(checked, self.tile_px, then=ahead, transform=transform)
 
     def _normalise(self, f: int, raw: NDArray[np.uint16]) -> NDArray[np.float32]:

@@ -171,8 +171,7 @@ class Trainer:
         )
         self.loader = DataLoader(
             self.dataset,
-            batch_size=self.batch_size,
-            sampler=self.sampler,
+            batch_sampler=self.sampler,
             num_workers=workers,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,

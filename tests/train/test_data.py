@@ -1,4 +1,5 @@
 import pickle
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -12,6 +13,7 @@ from inkpipe.pipeline.store import open_fragments
 from inkpipe.pipeline.volume import Normalizer, VolumeView
 from inkpipe.train.augment import build_augment
 from inkpipe.train.data import (
+    CropBatch,
     CropDataset,
     WindowSampler,
     WindowSet,
@@ -114,7 +116,14 @@ def test_sweep_decodes_each_block_once_with_three_rows_cached():
 def test_ddp_ranks_split_the_epoch():
     sets = make_sets()
     full = WindowSampler(sets, 224, 96, batch_size=8, seed=0)
-    ranks = [list(WindowSampler(sets, 224, 96, 8, seed=0, rank=r, world_size=2)) for r in (0, 1)]
+    ranks = [
+        [
+            key
+            for batch in WindowSampler(sets, 224, 96, 8, seed=0, rank=r, world_size=2)
+            for key in batch
+        ]
+        for r in (0, 1)
+    ]
     assert [len(r) for r in ranks] == [48, 48]
     assert sorted(ranks[0] + ranks[1]) == sorted(map(tuple, full.draw(0).tolist()))
     assert len(WindowSampler(sets, 224, 90, 8, rank=1, world_size=2)) == len(
@@ -169,7 +178,7 @@ def test_dataset_items_and_loader_workers(tiny_store):
     aug = CropDataset(frags, layers, 32, augment=build_augment("full", 32, seed=0))
     before = aug.__getitems__([(0, 0, 0), (1, 5, 5)])  # the parent's read-ahead thread exists
     assert len(before) == 2 and before[1]["origin"].tolist() == [1, 5, 5]
-    batches = list(DataLoader(aug, batch_size=4, sampler=sampler, num_workers=2))
+    batches = list(DataLoader(aug, batch_sampler=sampler, num_workers=2))
     assert len(batches) == 4 and batches[0]["image"].shape == (4, 4, 32, 32)
     origins = torch.cat([b["origin"] for b in batches]).numpy()
     np.testing.assert_array_equal(origins, sampler.draw(0))
@@ -182,13 +191,27 @@ def test_dataset_checks_layers(tiny_store):
         CropDataset(open_fragments(tiny_store, ["1"]), LayerRange(5, 20), 32)
 
 
-def test_sampler_keys_carry_the_next_batch_of_the_same_worker():
+def test_sampler_batches_name_the_next_batch_of_the_same_worker():
     s = WindowSampler(make_sets(), 224, 64, batch_size=8, num_workers=2, seed=0)
-    keys = list(s)
-    assert keys == list(map(tuple, s.draw(0).tolist()))  # still plain (f, y0, x0) tuples
-    batches = [keys[i : i + 8] for i in range(0, 64, 8)]
+    batches = list(s)
+    assert len(batches) == len(s) == 8 and all(isinstance(b, CropBatch) for b in batches)
+    keys = [key for batch in batches for key in batch]
+    assert keys == list(map(tuple, s.draw(0).tolist()))  # plain (f, y0, x0) tuples
     for b, batch in enumerate(batches):
-        assert all(k.read_ahead == () for k in batch[:-1])
-        expect = tuple(map(tuple, batches[b + 2])) if b + 2 < len(batches) else ()
-        assert batch[-1].read_ahead == expect
-    assert pickle.loads(pickle.dumps(keys[7])).read_ahead == keys[7].read_ahead
+        expect = tuple(batches[b + 2]) if b + 2 < len(batches) else ()
+        assert batch.read_ahead == expect
+    copy = pickle.loads(pickle.dumps(batches[1]))
+    assert copy == batches[1] and copy.read_ahead == batches[1].read_ahead
+
+
+def test_dataset_reads_ahead_the_batch_the_sampler_names(tiny_store):
+    frags = open_fragments(tiny_store, ["1", "2"])
+    ds = CropDataset(frags, LayerRange(1, 5), 32, augment=None)
+    batch = CropBatch([(0, 0, 0)])
+    batch.read_ahead = ((1, 30, 60),)
+    ds.batch(batch, augment=False)
+    wanted = set(ds.cache.keys_of(1, 30, 60, 32))
+    deadline = time.monotonic() + 10
+    while not wanted <= set(ds.cache.blocks) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert wanted <= set(ds.cache.blocks)
