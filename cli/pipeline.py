@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from inkpipe.pipeline.ingest import IngestConfig
-from inkpipe.pipeline.store import StoreSettings
+from inkpipe.pipeline.store import CODECS, SHUFFLES, StoreSettings
 from inkpipe.pipeline.synth import SynthConfig
 
 from .options import default_of
@@ -134,7 +134,7 @@ def synth_command(
 )
 @click.option(
     "--codec",
-    type=click.Choice(["lz4", "zstd", "blosclz", "lz4hc", "zlib"]),
+    type=click.Choice(CODECS),
     default=None,
     help=_setting_help("Blosc compressor", "codec"),
 )
@@ -143,7 +143,7 @@ def synth_command(
 )
 @click.option(
     "--shuffle",
-    type=click.Choice(["shuffle", "bitshuffle", "noshuffle"]),
+    type=click.Choice(SHUFFLES),
     default=None,
     help=_setting_help(
         "Blosc pre-filter", "shuffle", ": bitshuffle stores ~7 % less but decodes 4x slower."

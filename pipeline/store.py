@@ -30,14 +30,15 @@ from numpy.typing import NDArray
 from zarr.codecs import BloscCodec
 
 from . import __version__
-from .errors import ConfigError, InputNotFoundError, StoreError
+from .checks import check_int
+from .errors import ConfigError, InputNotFoundError, StoreError, check_choice
 from .windows import WINDOW_COLUMNS
 
 SCHEMA_VERSION = 1
 ATTR_KEY = "inkpipe"
 STAT_COLUMNS = ("mean", "std", "p01", "p99")
 CODECS = ("lz4", "zstd", "blosclz", "lz4hc", "zlib")
-SHUFFLES = ("bitshuffle", "shuffle", "noshuffle")
+SHUFFLES = ("shuffle", "bitshuffle", "noshuffle")
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,9 @@ class StoreSettings:
                 f"chunks must be at least 1 layer x 16 px, got {self.chunk_layers} x "
                 f"{self.chunk_px}"
             )
-        if self.codec not in CODECS:
-            raise ConfigError(f"unknown codec '{self.codec}', choose from {', '.join(CODECS)}")
-        if self.shuffle not in SHUFFLES:
-            raise ConfigError(
-                f"unknown shuffle '{self.shuffle}', choose from {', '.join(SHUFFLES)}"
-            )
-        if not 0 <= self.clevel <= 9:
-            raise ConfigError(f"compression level must be 0…9, got {self.clevel}")
+        check_choice("codec", self.codec, CODECS)
+        check_choice("shuffle", self.shuffle, SHUFFLES)
+        check_int("compression level", self.clevel, 0, maximum=9)
 
     def compressor(self) -> BloscCodec:
         """Return the Zarr v3 Blosc codec for volumes."""
