@@ -17,7 +17,6 @@ from typing import Literal, TypeVar
 
 import numpy as np
 import torch
-from numpy.typing import NDArray
 
 from inkpipe.pipeline.errors import ConfigError, check_choice
 
@@ -75,11 +74,6 @@ def _inverse(y: Array, transform: _Transform) -> Array:
     k, flip = transform
     z = _rot90(y, -k)
     return _hflip(z) if flip else z
-
-
-def tta_calls(mode: TtaMode) -> int:
-    """Return how many predictor calls a TTA mode makes per batch (1, 4 or 8)."""
-    return len(_TRANSFORMS[check_choice("TTA mode", mode, TTA_MODES)])
 
 
 def with_tta(predictor: Predictor, mode: TtaMode = "flips") -> Predictor:
@@ -145,28 +139,3 @@ def ensemble(predictors: Sequence[Predictor]) -> Predictor:
         return total / len(members)
 
     return ensemble_predictor
-
-
-def numpy_predictor(
-    predictor: Callable[[torch.Tensor], torch.Tensor], device: str | torch.device = "cpu"
-) -> Callable[[NDArray[np.float32]], NDArray[np.float32]]:
-    """Adapt a torch predictor to the NumPy interface of ``sliding_window_predict``.
-
-    Args:
-        predictor: ``(B, C, H, W) -> (B, H, W)`` callable on tensors (e.g. a model followed by
-            a sigmoid, possibly wrapped by :func:`with_tta`).
-        device: where to run it.
-
-    Returns:
-        A callable ``(B, C, H, W) float32 array -> (B, H, W) float32 array``, run under
-        ``torch.inference_mode``.
-    """
-    dev = torch.device(device)
-
-    def run(batch: NDArray[np.float32]) -> NDArray[np.float32]:
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(dev)
-            out = predictor(x)
-            return out.detach().float().cpu().numpy()
-
-    return run

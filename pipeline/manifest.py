@@ -47,10 +47,6 @@ class Manifest:
     fragments: tuple[ManifestFragment, ...]
     ingest: dict[str, Any] = field(default_factory=dict)
 
-    def get(self, fragment_id: str) -> ManifestFragment | None:
-        """Return the entry for ``fragment_id`` or None."""
-        return next((f for f in self.fragments if f.id == fragment_id), None)
-
 
 _FRAGMENT_KEYS = {"id", "path", "split", "height_px", "width_px", "layers", "group"}
 
