@@ -90,18 +90,18 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from .checks import check_int, check_number
-from .errors import ConfigError, InputNotFoundError, InvalidInputError
+from .errors import InputNotFoundError, InvalidInputError
 from .files import atomic_write
 from .images import read_gray, write_png
 from .synth import (
     COMPLETE_MARKER,
     INK_OFFSET_Z,
     INK_SIGMA_Z,
-    MAX_TEST_FRAGMENTS,
     MIN_SIDE_PX,
     STARTED_MARKER,
     SynthFragment,
     _band_rows,
+    _check_counts,
     _is_complete,
     _make_mask,
     _prepare_folder,
@@ -225,10 +225,7 @@ class SemiRealConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
-        check_int("n_train", self.n_train, 0)
-        check_int("n_test", self.n_test, 0, maximum=MAX_TEST_FRAGMENTS)
-        if self.n_train + self.n_test == 0:
-            raise ConfigError("n_train + n_test must be at least 1, got 0 fragments to write")
+        _check_counts(self.n_train, self.n_test)
         check_int("height_px", self.height_px, MIN_SIDE_PX)
         check_int("width_px", self.width_px, MIN_SIDE_PX)
         check_int("seed", self.seed, 0)

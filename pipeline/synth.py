@@ -124,10 +124,7 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
-        check_int("n_train", self.n_train, 0)
-        check_int("n_test", self.n_test, 0, maximum=MAX_TEST_FRAGMENTS)
-        if self.n_train + self.n_test == 0:
-            raise ConfigError("n_train + n_test must be at least 1, got 0 fragments to write")
+        _check_counts(self.n_train, self.n_test)
         _check_fragment_args(
             self.height_px, self.width_px, self.layers, self.seed, self.ink_contrast
         )
@@ -274,6 +271,14 @@ def synthesize_fragment(
 
 
 # --------------------------------------------------------------------------- validation
+
+
+def _check_counts(n_train: int, n_test: int) -> None:
+    """Check the numbers of train and test fragments of a set (shared with :mod:`~.semireal`)."""
+    check_int("n_train", n_train, 0)
+    check_int("n_test", n_test, 0, maximum=MAX_TEST_FRAGMENTS)
+    if n_train + n_test == 0:
+        raise ConfigError("n_train + n_test must be at least 1, got 0 fragments to write")
 
 
 def _check_fragment_args(
