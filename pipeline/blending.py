@@ -229,7 +229,9 @@ def sliding_window_predict(
 
     Args:
         image: (C, H, W) array-like supporting NumPy slicing (NumPy, memmap, Zarr); only the
-            crops are read unless the image is smaller than a tile.
+            crops are read unless the image is smaller than a tile. An image with a
+            ``read_windows(origins, tile_px, read_ahead)`` method (``VolumeView``) is read a
+            batch at a time, the next batch read ahead.
         predictor: ``(B, C, tile_px, tile_px) float32 -> (B, tile_px, tile_px)`` float
             (``(B, 1, t, t)`` is accepted too).
         tile_px: window side in pixels.
@@ -270,10 +272,17 @@ def sliding_window_predict(
         source = np.pad(small, pad, mode=pad_mode)
 
     acc = BlendAccumulator((height, width), t, weight=weight, out_dir=out_dir)
-    for batch in _batches(origins, batch_size):
-        crops = np.empty((len(batch), channels, t, t), dtype=np.float32)
-        for i, (y, x) in enumerate(batch.tolist()):
-            crops[i] = source[:, y : y + t, x : x + t]
+    # A source with read_windows (VolumeView) reads whole batches and the next one ahead.
+    read_windows = getattr(source, "read_windows", None)
+    batches = list(_batches(origins, batch_size))
+    for b, batch in enumerate(batches):
+        if read_windows is not None:
+            coming = batches[b + 1] if b + 1 < len(batches) else None
+            crops = np.asarray(read_windows(batch, t, coming), dtype=np.float32)
+        else:
+            crops = np.empty((len(batch), channels, t, t), dtype=np.float32)
+            for i, (y, x) in enumerate(batch.tolist()):
+                crops[i] = source[:, y : y + t, x : x + t]
         out = np.asarray(predictor(crops), dtype=np.float32)
         if out.ndim == 4 and out.shape[1] == 1:
             out = out[:, 0]

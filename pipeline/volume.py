@@ -174,8 +174,9 @@ class BlockCache:
 class VolumeView:
     """A fragment's layer range as a lazily read, normalised (k, H, W) float32 array.
 
-    Supports ``view[:, y0:y1, x0:x1]`` (what tiled prediction needs); reads go through a
-    :class:`BlockCache`, so neighbouring windows share decoded chunks.
+    Supports ``view[:, y0:y1, x0:x1]`` and :meth:`read_windows` (batches of windows, read
+    ahead, what tiled prediction uses); reads go through a :class:`BlockCache`, so
+    neighbouring windows share decoded chunks.
 
     Args:
         volume: (z, H, W) uint16 Zarr array.
@@ -204,6 +205,29 @@ class VolumeView:
         size = max(y1 - y0, x1 - x0)
         raw = self.cache.read(0, y0, x0, size)[:, : y1 - y0, : x1 - x0]
         return self.normalizer(raw)
+
+    def read_windows(
+        self, origins: NDArray[np.int64], tile_px: int, read_ahead: NDArray[np.int64] | None = None
+    ) -> NDArray[np.float32]:
+        """Return the normalised windows at ``origins`` through the batched read path.
+
+        Args:
+            origins: (n, 2) int (y0, x0), each window inside the view.
+            tile_px: window side.
+            read_ahead: optional (m, 2) origins of the next call, whose blocks are decoded in
+                the background meanwhile.
+
+        Returns:
+            (n, k, tile_px, tile_px) float32; two threads decode, cut and normalise.
+        """
+        crops = [(0, int(y), int(x)) for y, x in np.asarray(origins).tolist()]
+        ahead = [] if read_ahead is None else [(0, int(y), int(x)) for y, x in read_ahead]
+        out = np.empty((len(crops), self.shape[0], tile_px, tile_px), dtype=np.float32)
+        for i, crop in enumerate(
+            self.cache.read_batch(crops, tile_px, ahead, lambda f, raw: self.normalizer(raw))
+        ):
+            out[i] = crop
+        return out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> NDArray[np.float32]:
         """Read the whole view (only for small fragments)."""

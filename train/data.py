@@ -26,6 +26,7 @@ from inkpipe.pipeline.errors import ConfigError, InvalidInputError
 from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.store import Fragment
 from inkpipe.pipeline.volume import BlockCache, Normalizer
+from inkpipe.pipeline.windows import INK_PX, X0, Y0
 
 from .augment import Augment
 
@@ -50,7 +51,7 @@ class WindowSet:
 
 def split_positive(windows: NDArray[np.int32], min_ink_px: int = 1) -> NDArray[np.bool_]:
     """Return a (n,) bool array: which windows count as positive (>= ``min_ink_px`` ink)."""
-    return windows[:, 3] >= min_ink_px
+    return windows[:, INK_PX] >= min_ink_px
 
 
 def sweep(crops: CropTable, region_px: int, rng: np.random.Generator) -> CropTable:
@@ -216,7 +217,8 @@ class WindowSampler(Sampler[CropBatch]):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shapes = {s.fragment: s.shape for s in sets}
         rows = [
-            np.column_stack([np.full(len(s.windows), s.fragment), s.windows[:, :2]]) for s in sets
+            np.column_stack([np.full(len(s.windows), s.fragment), s.windows[:, [Y0, X0]]])
+            for s in sets
         ]
         table = np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 3), np.int64)
         positive: NDArray[np.bool_] = (

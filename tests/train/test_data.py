@@ -215,3 +215,22 @@ def test_dataset_reads_ahead_the_batch_the_sampler_names(tiny_store):
     while not wanted <= set(ds.cache.blocks) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert wanted <= set(ds.cache.blocks)
+
+
+def test_volume_view_reads_windows_in_batches_like_slicing(tiny_store):
+    from inkpipe.pipeline.blending import sliding_window_predict
+
+    frag = open_fragments(tiny_store, ["2"])[0]
+    view = VolumeView(frag.volume, LayerRange(2, 8), Normalizer(frag.layer_stats()[2:8]))
+    origins = np.array([[0, 0], [30, 60], [38, 68]])
+    got = view.read_windows(origins, 32, read_ahead=np.array([[10, 10]]))
+    assert got.shape == (3, 6, 32, 32) and got.dtype == np.float32
+    for window, (y, x) in zip(got, origins):
+        np.testing.assert_array_equal(window, view[:, y : y + 32, x : x + 32])
+
+    def predictor(batch):
+        return batch.mean(axis=1)
+
+    batched = sliding_window_predict(view, predictor, 32, 16, batch_size=3)
+    plain = sliding_window_predict(np.asarray(view), predictor, 32, 16, batch_size=3)
+    np.testing.assert_allclose(batched, plain, rtol=1e-6)
