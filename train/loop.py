@@ -48,7 +48,7 @@ from .distributed import Dist, agree, barrier, distributed
 from .history import plot_metrics, write_metrics
 from .losses import build_loss, coarse_targets
 from .mining import mine_hard_negatives
-from .models import ModelSpec, build_model, count_parameters
+from .models import SMALL_2D, ModelSpec, build_model, count_parameters
 from .recipe import EPOCHS_WITHIN_BUDGET, describe, resolve
 from .split import Plan, plan_run
 
@@ -191,7 +191,9 @@ class Trainer:
             net = nn.parallel.DistributedDataParallel(
                 model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.spec.name == "unet",  # smp's encoder head is unused
+                # smp encoders (unet, or stem3d with an smp 2-D net) leave their head unused
+                find_unused_parameters=self.spec.name == "unet"
+                or (self.spec.name == "stem3d" and self.spec.encoder != SMALL_2D),
             )
         ema = None
         if cfg.ema_decay > 0:
