@@ -26,6 +26,7 @@ another process competes.
 from __future__ import annotations
 
 import argparse
+import csv
 import shutil
 import statistics
 import sys
@@ -96,8 +97,8 @@ def run_one(data: Path, name: str, stride: int, seed: int, minutes: float, layer
     t0 = time.perf_counter()
     (res,) = train(cfg, log=lambda m: None)
     train_s = time.perf_counter() - t0
-    hist = __import__("csv").DictReader((run / "metrics.csv").open())
-    rows = list(hist)
+    with (run / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
     crops = sum(float(r["crops_per_s"]) * float(r["seconds"]) for r in rows)
     seconds = sum(float(r["seconds"]) for r in rows)
     t1 = time.perf_counter()

@@ -243,8 +243,9 @@ class Trainer:
 
     def out_of_time(self) -> bool:
         """Whether the ``--max-minutes`` budget is spent (rank 0 decides for all ranks)."""
-        spent = self.deadline is not None and time.perf_counter() > self.deadline
-        return agree(spent, self.d, self.device) if self.deadline is not None else False
+        if self.deadline is None:
+            return False
+        return agree(time.perf_counter() > self.deadline, self.d, self.device)
 
     def train_epoch(self, state: RunState) -> EpochStats:
         """Run one epoch of optimiser steps, stopping early when the time budget is spent."""
