@@ -39,10 +39,10 @@ from make_semireal import best_layer_fbeta  # noqa: E402
 
 from inkpipe.infer.evaluate import EvaluateConfig, evaluate  # noqa: E402
 from inkpipe.infer.predict import PredictConfig, predict  # noqa: E402
+from inkpipe.numerics.metrics import fbeta_score  # noqa: E402
 from inkpipe.pipeline.images import read_binary  # noqa: E402
 from inkpipe.pipeline.ingest import IngestConfig, ingest  # noqa: E402
 from inkpipe.pipeline.layers import parse_layers  # noqa: E402
-from inkpipe.pipeline.metrics import fbeta_score  # noqa: E402
 from inkpipe.train.config import TrainConfig  # noqa: E402
 from inkpipe.train.loop import train  # noqa: E402
 from inkpipe.train.models import ModelSpec  # noqa: E402

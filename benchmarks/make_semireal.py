@@ -27,9 +27,9 @@ import numpy as np
 import tifffile
 from numpy.typing import NDArray
 
+from inkpipe.numerics.metrics import fbeta_score, search_threshold
 from inkpipe.pipeline.errors import InkpipeError
 from inkpipe.pipeline.images import read_binary
-from inkpipe.pipeline.metrics import fbeta_score, search_threshold
 from inkpipe.pipeline.semireal import (
     DEFAULT_INK_CONTRAST,
     DEFAULT_LABEL_SCALE,

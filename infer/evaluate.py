@@ -15,9 +15,9 @@ from pathlib import Path
 
 from numpy.typing import ArrayLike
 
+from inkpipe.numerics.metrics import check_beta, confusion, fbeta_counts, precision_recall
 from inkpipe.pipeline.errors import InputNotFoundError, InvalidInputError
 from inkpipe.pipeline.images import read_binary
-from inkpipe.pipeline.metrics import check_beta, confusion, fbeta_counts, precision_recall
 from inkpipe.pipeline.text import format_table
 
 from .rle import decode_rle, read_submission

@@ -2,7 +2,7 @@
 
 For each fragment the model's layer range is read lazily from the store through a bounded
 chunk cache (:class:`~inkpipe.pipeline.volume.VolumeView`), predicted tile by tile with
-Gaussian blending (:func:`~inkpipe.pipeline.blending.sliding_window_predict`; windows without
+Gaussian blending (:func:`~inkpipe.numerics.blending.sliding_window_predict`; windows without
 papyrus are skipped), through TTA and an ensemble of checkpoints, then thresholded and cleaned
 (:func:`~inkpipe.infer.postprocess.postprocess`) and run-length encoded. Raw fragment folders
 are first ingested into ``OUT/.ingest.zarr`` with the ordinary ingest (unchanged fragments are
@@ -36,8 +36,8 @@ from numpy.typing import NDArray
 from PIL import Image
 from tqdm.auto import tqdm
 
+from inkpipe.numerics.blending import sliding_window_predict
 from inkpipe.pipeline import __version__
-from inkpipe.pipeline.blending import sliding_window_predict
 from inkpipe.pipeline.checks import check_int, check_number, repeated
 from inkpipe.pipeline.errors import (
     ConfigError,
@@ -308,7 +308,7 @@ def resolve_fragments(
 def count_windows(valid: NDArray[Any], tile_px: int, stride_px: int) -> int:
     """Count the grid windows holding at least one valid pixel (those that get predicted).
 
-    The windows :func:`~inkpipe.pipeline.blending.sliding_window_predict` predicts: those of
+    The windows :func:`~inkpipe.numerics.blending.sliding_window_predict` predicts: those of
     :func:`~inkpipe.pipeline.windows.grid_windows` that pass
     :func:`~inkpipe.pipeline.windows.holds_valid_pixel`.
 

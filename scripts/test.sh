@@ -6,6 +6,6 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
-.venv/bin/ruff check pipeline train infer cli tests benchmarks
+.venv/bin/ruff check pipeline numerics train infer cli tests benchmarks
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"

@@ -43,11 +43,15 @@ def test_wheel_installs_as_inkpipe_packages(tmp_path):
         "cli/__main__.py",
         "cli/train.py",
         "pipeline/store.py",
+        "numerics/metrics.py",
         "train/loop.py",
         "infer/predict.py",
     ):
         assert f"inkpipe/{module}" in names
-    assert not any(n.startswith(("pipeline/", "train/", "infer/", "cli/", "tests/")) for n in names)
+    assert not any(
+        n.startswith(("pipeline/", "numerics/", "train/", "infer/", "cli/", "tests/"))
+        for n in names
+    )
     assert not any(n.endswith(("pipeline/cli.py", "train/cli.py", "infer/cli.py")) for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "inkpipe = inkpipe.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

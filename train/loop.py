@@ -27,10 +27,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from inkpipe.pipeline.blending import sliding_window_predict
+from inkpipe.numerics.blending import sliding_window_predict
+from inkpipe.numerics.metrics import search_threshold
 from inkpipe.pipeline.errors import ConfigError, TrainingError
 from inkpipe.pipeline.memory import retain_freed_memory
-from inkpipe.pipeline.metrics import search_threshold
 from inkpipe.pipeline.store import open_fragments
 from inkpipe.pipeline.volume import Normalizer, VolumeView
 

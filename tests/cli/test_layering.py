@@ -1,4 +1,4 @@
-"""Imports point one way: cli -> infer -> train -> pipeline (see STYLE.md)."""
+"""Imports point one way: cli -> infer -> train -> numerics -> pipeline (see STYLE.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # package folder -> inkpipe packages it must not import
 FORBIDDEN = {
-    "pipeline": ("inkpipe.train", "inkpipe.infer", "inkpipe.cli"),
+    "pipeline": ("inkpipe.numerics", "inkpipe.train", "inkpipe.infer", "inkpipe.cli"),
+    "numerics": ("inkpipe.train", "inkpipe.infer", "inkpipe.cli"),
     "train": ("inkpipe.infer", "inkpipe.cli"),
     "infer": ("inkpipe.cli",),
 }

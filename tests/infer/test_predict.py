@@ -19,7 +19,8 @@ from inkpipe.infer.predict import (
     stride_for,
 )
 from inkpipe.infer.rle import decode_rle, read_submission
-from inkpipe.pipeline.blending import sliding_window_predict
+from inkpipe.numerics.blending import sliding_window_predict
+from inkpipe.numerics.metrics import fbeta_score
 from inkpipe.pipeline.errors import (
     ConfigError,
     InkpipeError,
@@ -29,7 +30,6 @@ from inkpipe.pipeline.errors import (
 )
 from inkpipe.pipeline.images import read_gray
 from inkpipe.pipeline.layers import LayerRange
-from inkpipe.pipeline.metrics import fbeta_score
 from inkpipe.pipeline.store import open_fragments
 from inkpipe.train.checkpoint import checkpoint_payload, save_checkpoint
 from inkpipe.train.models import ModelSpec, build_model

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from inkpipe.infer.tta import TTA_MODES, ensemble, with_tta
-from inkpipe.pipeline.blending import sliding_window_predict
+from inkpipe.numerics.blending import sliding_window_predict
 from inkpipe.pipeline.errors import ConfigError
 
 MODES = list(TTA_MODES)

@@ -218,7 +218,7 @@ def test_dataset_reads_ahead_the_batch_the_sampler_names(tiny_store):
 
 
 def test_volume_view_reads_windows_in_batches_like_slicing(tiny_store):
-    from inkpipe.pipeline.blending import sliding_window_predict
+    from inkpipe.numerics.blending import sliding_window_predict
 
     frag = open_fragments(tiny_store, ["2"])[0]
     view = VolumeView(frag.volume, LayerRange(2, 8), Normalizer(frag.layer_stats()[2:8]))

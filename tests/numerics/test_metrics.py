@@ -6,8 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inkpipe.infer.postprocess import binarize
-from inkpipe.pipeline.errors import ConfigError, InvalidInputError
-from inkpipe.pipeline.metrics import (
+from inkpipe.numerics.metrics import (
     DEFAULT_THRESHOLDS,
     confusion,
     fbeta_counts,
@@ -15,6 +14,7 @@ from inkpipe.pipeline.metrics import (
     precision_recall,
     search_threshold,
 )
+from inkpipe.pipeline.errors import ConfigError, InvalidInputError
 
 
 def direct_fbeta(pred: np.ndarray, truth: np.ndarray, beta: float) -> float:
@@ -116,7 +116,7 @@ def test_search_threshold_matches_brute_force(
 
 
 def test_search_threshold_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    import inkpipe.pipeline.metrics as metrics
+    import inkpipe.numerics.metrics as metrics
 
     rng = np.random.default_rng(0)
     prob = rng.random((37, 23)).astype(np.float32)

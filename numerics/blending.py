@@ -21,9 +21,9 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from .checks import check_int, check_number
-from .errors import ConfigError, InvalidInputError, check_choice
-from .windows import grid_windows, holds_valid_pixel
+from inkpipe.pipeline.checks import check_int, check_number
+from inkpipe.pipeline.errors import ConfigError, InvalidInputError, check_choice
+from inkpipe.pipeline.windows import grid_windows, holds_valid_pixel
 
 Predictor = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 """(B, C, t, t) float32 -> (B, t, t) float32 (a (B, 1, t, t) output is also accepted)."""

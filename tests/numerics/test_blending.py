@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inkpipe.pipeline.blending import (
+from inkpipe.numerics.blending import (
     BlendAccumulator,
     gaussian_importance,
     sliding_window_predict,
