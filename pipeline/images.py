@@ -1,6 +1,6 @@
 """Read and write 2-D images (masks, labels, IR, pictures) with clear errors.
 
-PNG I/O goes through Pillow via imageio. Writes are atomic (:mod:`~.files`): an interrupted
+PNG I/O goes through Pillow. Writes are atomic (:mod:`~.files`): an interrupted
 write never leaves a half-written picture.
 """
 

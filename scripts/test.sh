@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install inkpipe with its test extras into ./.venv and run lint, types and the tests.
+# Install inkpipe with its test extras into ./.venv and run lint, types, dependencies and the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -8,4 +8,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet -e ".[test]"
 .venv/bin/ruff check pipeline numerics train infer cli tests benchmarks
 .venv/bin/mypy
+.venv/bin/deptry .  # imports and declared dependencies match ([tool.deptry])
 .venv/bin/python -m pytest -q "$@"
