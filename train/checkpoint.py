@@ -24,10 +24,11 @@ from inkpipe.pipeline.errors import InputNotFoundError, InvalidInputError
 from inkpipe.pipeline.files import atomic_target
 from inkpipe.pipeline.layers import LayerRange, parse_layers
 
+from .devices import DEVICES as DEVICES  # re-exported: infer uses them from here
+from .devices import select_device as select_device
 from .models import ModelSpec, build_model
 
 FORMAT = "inkpipe-checkpoint/1"
-DEVICES = ("auto", "cpu", "cuda")
 NORMALIZATION = "per-layer: clip to the fragment's p01..p99, then (x - mean) / std"
 
 
@@ -150,17 +151,6 @@ def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
         first = str(exc).splitlines()[0]
         raise InvalidInputError(f"checkpoint {ckpt.path} does not fit its model: {first}") from None
     return model.eval()
-
-
-def select_device(name: str) -> torch.device:
-    """Return the torch device for ``auto``/``cpu``/``cuda``; ``cuda`` without a GPU is an error."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(
-            "--device cuda was asked for but no CUDA GPU is available; use auto or cpu"
-        )
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def make_predictor(
