@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 
 from inkpipe.infer.evaluate import EvaluateConfig, evaluate
-from inkpipe.infer.predict import DEVICES, PredictConfig, format_predictions, predict
+from inkpipe.infer.predict import PredictConfig, format_predictions, predict
 from inkpipe.infer.tta import TTA_MODES
 
-from .options import default_of
+from .options import default_of, device_option
 
 
 @click.command("predict", short_help="Predict ink on fragments; write submission.csv and pictures.")
@@ -80,12 +80,7 @@ from .options import default_of
     show_default=True,
     help="Windows per model call.",
 )
-@click.option(
-    "--device",
-    default=default_of(PredictConfig, "device"),
-    show_default=True,
-    type=click.Choice(DEVICES),
-)
+@device_option(PredictConfig)
 @click.option(
     "--cache-mb",
     type=float,
@@ -99,6 +94,13 @@ from .options import default_of
     default=default_of(PredictConfig, "canvas_budget_mb"),
     show_default=True,
     help="Blend canvases above this many MB are memory-mapped in a temporary folder in OUT.",
+)
+@click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="Load checkpoints with the full pickle, which can run code hidden in the file. "
+    "Without it a checkpoint is read as tensors and plain values only (all that 'inkpipe "
+    "train' writes) and a file holding anything else is refused. Only for files you trust.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def predict_command(
@@ -115,6 +117,7 @@ def predict_command(
     device: str,
     cache_mb: float,
     canvas_budget_mb: float,
+    trust_checkpoint: bool,
     quiet: bool,
 ) -> None:
     """Predict ink on fragments; write submission.csv and pictures to OUT.
@@ -143,6 +146,7 @@ def predict_command(
         cache_mb=cache_mb,
         canvas_budget_mb=canvas_budget_mb,
         progress=not quiet,
+        trust_checkpoint=trust_checkpoint,
     )
     results = predict(cfg, log=click.echo)
     click.echo(format_predictions(results, out))

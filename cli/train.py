@@ -8,12 +8,11 @@ import click
 
 from inkpipe.pipeline.layers import parse_layers
 from inkpipe.train.augment import AUG_LEVELS
-from inkpipe.train.checkpoint import DEVICES
 from inkpipe.train.config import TrainConfig, parse_validation
 from inkpipe.train.losses import LOSS_NAMES, LossSpec
 from inkpipe.train.models import MODEL_NAMES, OUTPUT_STRIDES, ModelSpec
 
-from .options import default_of
+from .options import default_of, device_option
 
 AUTO = "auto"  # --model: the device's recipe (TrainConfig.model = None)
 
@@ -245,12 +244,7 @@ def model_spec(name: str, k: int, encoder: str | None, encoder_weights: str) -> 
     help="loo: one model per labelled fragment held out, in OUT/fold_<id>/.",
 )
 @click.option("--seed", type=int, default=default_of(TrainConfig, "seed"), show_default=True)
-@click.option(
-    "--device",
-    default=default_of(TrainConfig, "device"),
-    show_default=True,
-    type=click.Choice(DEVICES),
-)
+@device_option(TrainConfig)
 @click.option(
     "--workers",
     type=int,
@@ -266,6 +260,13 @@ def model_spec(name: str, k: int, encoder: str | None, encoder_weights: str) -> 
     help="Budget of the decoded-chunk cache (split between workers).",
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
+@click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="With --resume: load last.pt with the full pickle, which can run code hidden in the "
+    "file. Without it last.pt is read as tensors and plain values only (all that 'inkpipe "
+    "train' writes) and a file holding anything else is refused. Only for files you trust.",
+)
 @click.option(
     "--max-minutes",
     type=float,

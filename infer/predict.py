@@ -58,6 +58,7 @@ from inkpipe.pipeline.windows import grid_windows, holds_valid_pixel
 from inkpipe.train.checkpoint import (
     DEVICES,
     Checkpoint,
+    check_device,
     load_checkpoint,
     make_predictor,
     model_from_checkpoint,
@@ -115,11 +116,13 @@ class PredictConfig:
         open_px: radius of the morphological opening that removes specks (0: off).
         min_area: drop ink blobs smaller than this many pixels (0: keep all).
         batch_size: windows per model call.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (see :mod:`inkpipe.train.devices`).
         cache_mb: budget of the decoded-chunk cache.
         canvas_budget_mb: blend canvases (sum, weights, result: 12 bytes per pixel) above this
             go to memory maps in a temporary folder inside ``out``, deleted afterwards.
         progress: show a progress bar over windows.
+        trust_checkpoint: load checkpoints with the full pickle (it can run code they carry)
+            instead of tensors and plain values only; for trusted files only.
     """
 
     checkpoints: tuple[Path, ...]
@@ -136,6 +139,7 @@ class PredictConfig:
     cache_mb: float = 512
     canvas_budget_mb: float = 1024
     progress: bool = True
+    trust_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         """Normalize paths and check every value (raises :class:`ConfigError`)."""
@@ -156,7 +160,7 @@ class PredictConfig:
         if dupes:
             raise ConfigError(f"fragments given twice: {dupes}; pass each fragment once")
         check_choice("TTA mode", self.tta, TTA_MODES)
-        check_choice("device", self.device, DEVICES)
+        check_device(self.device)
         check_number(
             "overlap", self.overlap, 0, MAX_OVERLAP, hint="0.5 (half a tile) is the usual choice"
         )
@@ -208,15 +212,20 @@ def stride_for(tile_px: int, overlap: float) -> int:
     return max(1, round(tile_px * (1 - overlap)))
 
 
-def load_models(paths: Sequence[Path]) -> _Models:
+def load_models(paths: Sequence[Path], *, trust: bool = False) -> _Models:
     """Load checkpoints and check they read the same layers with the same tile size.
+
+    Args:
+        paths: the checkpoint files.
+        trust: load them with the full pickle (see :func:`load_checkpoint`).
 
     Raises:
         InputNotFoundError: a checkpoint file is missing.
-        InvalidInputError: a file is not an inkpipe checkpoint.
+        InvalidInputError: a file is not an inkpipe checkpoint, or holds objects only a
+            trusted load may read (``UnsafeCheckpointError``).
         ConfigError: two checkpoints disagree (both are named).
     """
-    ckpts = tuple(load_checkpoint(p) for p in paths)
+    ckpts = tuple(load_checkpoint(p, trust=trust) for p in paths)
     first = ckpts[0]
     for other in ckpts[1:]:
         if (other.layers, other.tile_px) != (first.layers, first.tile_px):
@@ -536,7 +545,7 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = print) -> list[Frag
     """
     if cfg.out.exists() and not cfg.out.is_dir():
         raise ConfigError(f"--out {cfg.out} is a file, expected a folder for the predictions")
-    models = load_models(cfg.checkpoints)
+    models = load_models(cfg.checkpoints, trust=cfg.trust_checkpoint)
     retain_freed_memory()  # tiles are allocated and freed thousands of times a second
     threshold = (
         cfg.threshold

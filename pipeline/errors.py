@@ -24,6 +24,10 @@ class InvalidInputError(InkpipeError, ValueError):
     """A file exists but its content is not what inkpipe expects."""
 
 
+class UnsafeCheckpointError(InvalidInputError):
+    """A checkpoint holds pickled objects that could run code; it is loaded only if trusted."""
+
+
 class ConfigError(InkpipeError, ValueError):
     """An option or configuration value is invalid."""
 
@@ -38,6 +42,14 @@ class OfflineError(InkpipeError, RuntimeError):
 
 class TrainingError(InkpipeError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss)."""
+
+
+class DiskFullError(InkpipeError, OSError):
+    """The disk has (or would have) no room for what inkpipe is about to write."""
+
+
+class LockedError(InkpipeError, RuntimeError):
+    """A store or run folder is being written by another inkpipe process."""
 
 
 def closest(given: str, choices: Iterable[str]) -> str:

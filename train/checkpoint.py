@@ -4,13 +4,24 @@ A checkpoint is a dict saved with ``torch.save``: the model spec and weights, th
 tile size, normalisation method, the threshold searched on validation, the validation metrics,
 the inkpipe version and the full resolved training config; ``last.pt`` also holds the
 optimiser, scheduler and scaler states for ``--resume``.
+
+A checkpoint holds only tensors and plain values (dicts, lists, tuples, str, int, float, bool,
+None): :func:`save_checkpoint` converts NumPy values, paths, enums and dataclasses to those, so
+:func:`load_checkpoint` reads every file inkpipe writes with ``torch.load(weights_only=True)``,
+which cannot run code hidden in a pickle. A file that needs more than that is refused unless
+the caller trusts it (``--trust-checkpoint``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import enum
+import pickle
+import re
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -20,16 +31,19 @@ from numpy.typing import NDArray
 from torch import nn
 
 from inkpipe.pipeline import __version__
-from inkpipe.pipeline.errors import InputNotFoundError, InvalidInputError
+from inkpipe.pipeline.errors import InputNotFoundError, InvalidInputError, UnsafeCheckpointError
 from inkpipe.pipeline.files import atomic_target
 from inkpipe.pipeline.layers import LayerRange, parse_layers
 
 from .devices import DEVICES as DEVICES  # re-exported: infer uses them from here
+from .devices import check_device as check_device
 from .devices import select_device as select_device
 from .models import ModelSpec, build_model
 
 FORMAT = "inkpipe-checkpoint/1"
 NORMALIZATION = "per-layer: clip to the fragment's p01..p99, then (x - mean) / std"
+TRUST_FLAG = "--trust-checkpoint"
+_PLAIN = (str, int, float, bool, bytes, type(None), torch.Tensor, torch.dtype, torch.Size)
 
 
 @dataclass(frozen=True)
@@ -59,11 +73,59 @@ class Checkpoint:
     extra: dict[str, Any]
 
 
+def plain(value: Any, where: str = "checkpoint") -> Any:
+    """Return ``value`` made of tensors and plain values only, the types ``weights_only`` reads.
+
+    NumPy scalars become Python numbers, NumPy arrays tensors, paths strings, enums their
+    values, dataclasses dicts, sets sorted lists; dicts, lists and tuples are converted
+    recursively (and returned unchanged, subclass and all, when nothing inside changed, so a
+    state dict keeps its ``_metadata``).
+
+    Args:
+        value: what to save.
+        where: the key path of ``value``, for the error message.
+
+    Raises:
+        TypeError: ``value`` holds something else (a bug in what inkpipe saves).
+    """
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value))
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return plain(value.value, where)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value), where)
+    if isinstance(value, set | frozenset):
+        return sorted(plain(v, where) for v in value)
+    if isinstance(value, Mapping):
+        items = {k: plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+        same = isinstance(value, dict) and all(items[k] is value[k] for k in value)
+        return value if same else items
+    if isinstance(value, list | tuple):
+        seq = [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if all(a is b for a, b in zip(seq, value)):
+            return value
+        return tuple(seq) if isinstance(value, tuple) else seq
+    raise TypeError(
+        f"{where} is a {type(value).__qualname__}, which torch.load(weights_only=True) cannot "
+        "read; convert it to tensors or plain values before saving"
+    )
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (plus format and version) to ``path`` atomically; return ``path``."""
+    """Write ``payload`` (plus format and version) to ``path`` atomically; return ``path``.
+
+    The payload goes through :func:`plain` first, so the file loads with ``weights_only``.
+    """
     path = Path(path)
+    data = plain({"format": FORMAT, "version": __version__, **payload})
     with atomic_target(path) as tmp:
-        torch.save({"format": FORMAT, "version": __version__, **payload}, tmp)
+        torch.save(data, tmp)
     return path
 
 
@@ -92,11 +154,33 @@ def checkpoint_payload(
     }
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
+def _refused_pickle(exc: pickle.UnpicklingError) -> str:
+    """Say in a few words what a ``weights_only`` load refused (the global it named)."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"a pickled reference to {found.group(1)}"
+    found = re.search(r"Unsupported operand \d+", text)
+    if found:
+        return f"pickle code weights_only does not allow ({found.group(0).lower()})"
+    return "pickled Python objects beyond tensors and plain values"
+
+
+def load_checkpoint(path: Path, *, trust: bool = False) -> Checkpoint:
     """Read a checkpoint written by ``inkpipe train``.
+
+    The file is read with ``torch.load(weights_only=True)``: tensors and plain values only,
+    so a file whose pickle would run code is refused before anything in it runs.
+
+    Args:
+        path: the ``.pt`` file.
+        trust: read it with the full pickle instead (``--trust-checkpoint``), for files from
+            a trusted source that hold other objects (e.g. NumPy values saved by an older
+            inkpipe). Loading such a file can run any code it carries.
 
     Raises:
         InputNotFoundError: no file at ``path``.
+        UnsafeCheckpointError: the file holds objects only a trusted load may read.
         InvalidInputError: not an inkpipe checkpoint, or unreadable.
     """
     path = Path(path)
@@ -106,7 +190,21 @@ def load_checkpoint(path: Path) -> Checkpoint:
             "and pass RUN/best.pt"
         )
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():
+            # e.g. "Detected pickle protocol 4": noise before the one-line error below
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        if trust or "weights only" not in str(exc).lower():
+            raise InvalidInputError(
+                f"cannot read checkpoint {path}: {str(exc).strip().splitlines()[0]}; is it a "
+                "file written by 'inkpipe train'?"
+            ) from None
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} holds {_refused_pickle(exc)}, expected only tensors and plain "
+            "values (what 'inkpipe train' writes); loading it could run code, so it was not "
+            f"loaded. If you trust its source, pass {TRUST_FLAG}"
+        ) from None
     except Exception as exc:
         raise InvalidInputError(
             f"cannot read checkpoint {path}: {exc}; is it a file written by 'inkpipe train'?"

@@ -14,7 +14,7 @@ from inkpipe.pipeline.errors import ConfigError, check_choice
 from inkpipe.pipeline.layers import LayerRange, parse_layers
 
 from .augment import AUG_LEVELS
-from .checkpoint import DEVICES
+from .devices import check_device
 from .losses import LossSpec
 from .models import OUTPUT_STRIDES, ModelSpec
 
@@ -89,9 +89,12 @@ class TrainConfig:
         val: validation scheme; val_stride_px: grid stride of fragment validation
             (None: tile // 2).
         folds: ``None`` or ``"loo"``: one run per labelled fragment held out.
-        seed: seeds every random draw; device: auto/cpu/cuda; workers: DataLoader workers.
+        seed: seeds every random draw; device: auto, cpu, cuda (under torchrun: the GPU of
+            each process's LOCAL_RANK) or cuda:N; workers: DataLoader workers.
         cache_mb: decoded-block cache budget (split between workers).
         resume: continue from ``out/last.pt``.
+        trust_checkpoint: with ``resume``, load ``last.pt`` with the full pickle (it can run
+            code the file carries) instead of tensors and plain values only.
         max_minutes: wall-clock budget: training stops at the first step past it (inside an
             epoch), then validates and saves once more (None: no limit).
         progress: show progress bars.
@@ -128,12 +131,13 @@ class TrainConfig:
     workers: int = 0
     cache_mb: float = 1024
     resume: bool = False
+    trust_checkpoint: bool = False
     max_minutes: float | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
         check_choice("augmentation", self.aug, AUG_LEVELS)
-        check_choice("device", self.device, DEVICES)
+        check_device(self.device)
         if self.folds not in (None, "loo"):
             raise ConfigError(f"expected --folds loo or nothing, got '{self.folds}'")
         for name in ("epochs", "steps_per_epoch", "batch_size", "tile_px"):

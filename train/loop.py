@@ -191,6 +191,7 @@ class Trainer:
             net = nn.parallel.DistributedDataParallel(
                 model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                output_device=self.device.index if self.device.type == "cuda" else None,
                 # smp encoders (unet, or stem3d with an smp 2-D net) leave their head unused
                 find_unused_parameters=self.spec.name == "unet"
                 or (self.spec.name == "stem3d" and self.spec.encoder != SMALL_2D),
@@ -217,7 +218,7 @@ class Trainer:
 
     def resume(self, state: RunState) -> None:
         """Load ``last.pt`` into ``state`` (``--resume``), refusing another run's checkpoint."""
-        ck = load_checkpoint(self.last_path)
+        ck = load_checkpoint(self.last_path, trust=self.cfg.trust_checkpoint)
         now = self.cfg.to_dict()
         for key in RESUME_KEYS:
             if str(ck.config.get(key)) != str(now[key]):
