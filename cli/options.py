@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["default_of"]
+import click
+
+from inkpipe.train.devices import DEVICE_HELP
+
+__all__ = ["default_of", "device_option"]
 
 
 def default_of(config: type, name: str) -> Any:
@@ -35,3 +40,18 @@ def default_of(config: type, name: str) -> Any:
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
     raise LookupError(f"{config.__name__}.{name} has no default")
+
+
+def device_option(config: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Return the ``--device`` option of a command whose config is ``config``.
+
+    The spelling (auto, cpu, cuda, cuda:N) is checked by the config, the GPU's existence
+    when the device is chosen (:func:`inkpipe.train.devices.select_device`).
+    """
+    return click.option(
+        "--device",
+        default=default_of(config, "device"),
+        show_default=True,
+        metavar="auto|cpu|cuda|cuda:N",
+        help=f"{DEVICE_HELP[0].upper()}{DEVICE_HELP[1:]}.",
+    )

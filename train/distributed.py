@@ -1,14 +1,29 @@
-"""Distributed training helpers: which rank this is, and the collective calls the loop needs."""
+"""Distributed training helpers: which rank this is, and the collective calls the loop needs.
+
+Under torchrun (or ``accelerate launch``) each process trains on its own device, chosen by
+:func:`inkpipe.train.devices.select_device` from its ``LOCAL_RANK``. Rank 0 alone validates,
+logs and saves at the end of an epoch while the other ranks wait in a barrier; validation runs
+no collective call (it predicts with the unwrapped model), so the others cannot deadlock, and
+the process group's timeout is long enough for a whole-fragment validation.
+"""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from .devices import read_launch
+
+# How long a rank waits in a collective call, e.g. for rank 0's validation and checkpoints
+# at the end of an epoch. torch's defaults (10 min for NCCL, 30 for gloo) can be shorter than
+# a whole-fragment validation; a rank that dies still ends the run at once (torchrun stops the
+# others).
+TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -26,13 +41,21 @@ class Dist:
 
 @contextmanager
 def distributed(device: torch.device) -> Iterator[Dist]:
-    """Join the torchrun process group if WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the torchrun process group if WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA).
+
+    On CUDA, ``device`` (this process's GPU, ``cuda:LOCAL_RANK``) becomes the current device
+    first, so NCCL and every tensor made on ``"cuda"`` use it rather than GPU 0.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    world = read_launch().world_size
     if world <= 1:
         yield Dist()
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend)
+    if device.type == "cuda":
+        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=TIMEOUT)
     try:
         yield Dist(dist.get_rank(), dist.get_world_size())
     finally:
