@@ -44,6 +44,10 @@ class TrainingError(InkpipeError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss)."""
 
 
+class MissingPackageError(InkpipeError, ImportError):
+    """An option needs an optional package that is not installed (the message says how)."""
+
+
 class DiskFullError(InkpipeError, OSError):
     """The disk has (or would have) no room for what inkpipe is about to write."""
 

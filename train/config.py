@@ -97,6 +97,8 @@ class TrainConfig:
             code the file carries) instead of tensors and plain values only.
         max_minutes: wall-clock budget: training stops at the first step past it (inside an
             epoch), then validates and saves once more (None: no limit).
+        tensorboard: also write the per-epoch metrics as TensorBoard event files in ``out``
+            (needs the optional ``tensorboard`` package).
         progress: show progress bars.
     """
 
@@ -133,6 +135,7 @@ class TrainConfig:
     resume: bool = False
     trust_checkpoint: bool = False
     max_minutes: float | None = None
+    tensorboard: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -1,4 +1,9 @@
-"""The run's history: one row of metrics per epoch, written as a CSV and plotted as a PNG."""
+"""The run's history: one row of metrics per epoch, written as a CSV and plotted as a PNG.
+
+With ``--tensorboard`` the same rows also go to TensorBoard event files in the run folder,
+beside ``metrics.csv`` (``tensorboard --logdir runs`` shows every run under ``runs/``). That
+needs the optional ``tensorboard`` package (``pip install 'inkpipe[tensorboard]'``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from inkpipe.pipeline.errors import MissingPackageError
 from inkpipe.pipeline.files import atomic_target, atomic_write
 
 METRIC_FIELDS = (
@@ -60,3 +66,49 @@ def plot_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _num(v: Any) -> float:
     return float("nan") if v in ("", None) else float(v)
+
+
+# metrics.csv column -> TensorBoard tag
+TENSORBOARD_TAGS = {
+    "train_loss": "train/loss",
+    "val_f05": "val/f05",
+    "val_precision": "val/precision",
+    "val_recall": "val/recall",
+    "threshold": "val/threshold",
+    "lr": "train/lr",
+    "crops_per_s": "speed/crops_per_s",
+    "seconds": "speed/epoch_seconds",
+}
+TENSORBOARD_INSTALL = "pip install 'inkpipe[tensorboard]' (or pip install tensorboard)"
+
+
+class TensorBoardLog:
+    """Append the history rows to TensorBoard event files in a run folder, one step per epoch.
+
+    A resumed run adds a new event file beside the first; TensorBoard shows them as one run.
+    """
+
+    def __init__(self, out: Path) -> None:
+        """Open a writer on ``out``; raise :class:`MissingPackageError` without tensorboard."""
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise MissingPackageError(
+                f"--tensorboard needs the tensorboard package, which is not installed; "
+                f"install it with {TENSORBOARD_INSTALL}, or drop --tensorboard "
+                "(metrics.csv has the same numbers)"
+            ) from None
+        self.writer = SummaryWriter(log_dir=str(out))
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Add the numbers of one ``metrics.csv`` row at step ``row["epoch"]`` and flush."""
+        for column, tag in TENSORBOARD_TAGS.items():
+            value = row.get(column, "")
+            if value not in ("", None):
+                self.writer.add_scalar(tag, float(value), global_step=int(row["epoch"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()
