@@ -158,7 +158,8 @@ def predict_command(
     "--labels",
     required=True,
     type=click.Path(path_type=Path),
-    help="Folder with the ink labels: <id>/inklabels.png (fragment layout) or <id>.png.",
+    help="Folder with the ink labels: <id>/inklabels.png (fragment layout) or <id>.png. Its "
+    "label images are the fragments expected.",
 )
 @click.option(
     "--beta",
@@ -171,7 +172,10 @@ def evaluate_command(submission: Path, labels: Path, beta: float) -> None:
     """Score a submission CSV against ink labels, per fragment and on average.
 
     Every row is decoded at its label image's shape and scored over the whole image, as the
-    competition did.
+    competition did. Every fragment with a label image needs a row: a missing row is scored
+    as an empty mask (F0.5 0 when the fragment has ink) and counted in the mean; a row
+    without a label image is listed as extra and not scored. An empty Predicted is a valid
+    empty mask.
     """
     report = evaluate(EvaluateConfig(submission=submission, labels=labels, beta=beta))
     click.echo(report.to_table())

@@ -119,10 +119,35 @@ def test_missing_csv(tmp_path: Path, labels: Path) -> None:
         evaluate(EvaluateConfig(tmp_path / "none.csv", labels))
 
 
-def test_id_without_labels(tmp_path: Path, labels: Path) -> None:
-    sub = write(tmp_path, {"a": "", "ghost": ""})
-    with pytest.raises(InputNotFoundError, match="no ink labels for fragment 'ghost'"):
+def test_missing_rows_score_as_empty_masks_and_extra_rows_are_listed(
+    tmp_path: Path, labels: Path
+) -> None:
+    sub = write(tmp_path, {"ghost": "", "a": encode_rle(predictions()["a"])})
+    report = evaluate(EvaluateConfig(sub, labels))
+    assert [s.id for s in report.scores] == ["a", "b", "empty"]
+    a, b, empty = report.scores
+    assert not a.missing and b.missing and empty.missing
+    assert b == FragmentScore("b", 0.0, 0.0, 0.0, 0, 0, 4, missing=True)
+    assert empty.fbeta == 1.0  # an empty mask of a label without ink
+    assert report.mean_fbeta == pytest.approx((a.fbeta + 0.0 + 1.0) / 3)
+    assert report.missing == ("b", "empty") and report.extra == ("ghost",)
+    table = report.to_table()
+    assert "b (missing)" in table
+    assert "missing rows (2), scored as empty masks: b, empty" in table
+    assert "extra rows (1), no label image, not scored: ghost" in table
+
+
+def test_no_row_matching_any_label_is_an_error(tmp_path: Path, labels: Path) -> None:
+    sub = write(tmp_path, {"x": "", "y": ""})
+    with pytest.raises(InvalidInputError, match="none of its ids \\(x, y\\).*check --labels"):
         evaluate(EvaluateConfig(sub, labels))
+
+
+def test_labels_folder_without_label_images(tmp_path: Path) -> None:
+    (tmp_path / "labels").mkdir()
+    sub = write(tmp_path, {"a": ""})
+    with pytest.raises(InputNotFoundError, match="no label images in"):
+        evaluate(EvaluateConfig(sub, tmp_path / "labels"))
 
 
 def test_bad_rle_names_file_and_row(tmp_path: Path, labels: Path) -> None:

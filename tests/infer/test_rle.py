@@ -140,7 +140,7 @@ def test_write_submission_rejects_duplicates_and_keeps_old_file(tmp_path: Path) 
         ("a,1 1\n", "expected the header 'Id,Predicted'"),
         ("Id,Predicted\na,1 1\na,2 1\n", "'a' on line 3 already appeared on line 2"),
         ("Id,Predicted\na,1 1,3\n", "line 2 has 3 fields, expected 2"),
-        ("Id,Predicted\na\n", "line 2 has 1 fields"),
+        ("Id,Predicted\na\n", "line 2 has 1 field, expected 2.*write 'a,'"),
         ("Id,Predicted\n,1 1\n", "line 2 has an empty Id"),
     ],
 )
