@@ -2,7 +2,9 @@
 
 Every command lives in a module of this package and is imported on first use, so
 ``inkpipe --help`` imports neither torch nor zarr. Any :class:`InkpipeError` becomes a one-line
-``Error: …`` and exit code 1, never a traceback; Ctrl-C becomes a short message and exit 130.
+``Error: …`` and exit code 1, never a traceback, and so does a full disk met anywhere (the
+stages name what they were writing; this is the net under them); Ctrl-C becomes a short
+message and exit 130.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import click
 
+from inkpipe.pipeline.disk import disk_full_message, is_disk_full
 from inkpipe.pipeline.errors import InkpipeError
 
 __all__ = ["COMMANDS", "InkpipeGroup", "Interrupted", "cli", "main", "one_line"]
@@ -99,11 +102,15 @@ class InkpipeGroup(click.Group):
             formatter.write_dl(sorted(rows))
 
     def invoke(self, ctx: click.Context) -> Any:
-        """Run the command; turn inkpipe errors and Ctrl-C into one-line messages."""
+        """Run the command; turn inkpipe errors, a full disk and Ctrl-C into one-line messages."""
         try:
             return super().invoke(ctx)
         except InkpipeError as exc:
             raise click.ClickException(one_line(exc)) from None
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise click.ClickException(disk_full_message(exc)) from None
+            raise
         except KeyboardInterrupt:
             raise Interrupted(
                 "interrupted; finished work is kept — run the same command again to resume "

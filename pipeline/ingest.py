@@ -21,9 +21,11 @@ import zarr
 from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
+from .disk import block_bytes, check_free, disk_full_as_error
 from .errors import InvalidInputError
 from .fragments import CheckedFragment, FragmentSource, check_fragment, discover_fragments
 from .images import read_binary, read_gray
+from .locks import hold_lock
 from .manifest import load_manifest
 from .store import (
     STAT_COLUMNS,
@@ -32,6 +34,7 @@ from .store import (
     begin_fragment,
     create_store,
     finish_fragment,
+    fragment_bytes_bound,
     fragment_meta,
     write_plane,
     write_table,
@@ -96,13 +99,17 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> list[Fragme
     """Ingest every fragment found under ``cfg.root`` into ``cfg.out``.
 
     Complete fragments whose sources and settings are unchanged are skipped (unless
-    ``overwrite``); incomplete ones (from an interrupted run) are redone.
+    ``overwrite``); incomplete ones (from an interrupted run) are redone. The store is locked
+    while it is written (:func:`store_lock_path`), and the disk space the fragments to write
+    can take at most is checked before the first of them is written.
 
     Returns:
         one :class:`FragmentResult` per fragment, in discovery order.
 
     Raises:
-        InkpipeError subclasses for any input problem, before anything is written.
+        InkpipeError subclasses for any input problem, before anything is written;
+        LockedError when another process writes the store; DiskFullError when the fragments
+        cannot fit (up front) or the disk fills anyway (complete fragments are kept).
     """
     manifest = load_manifest(cfg.manifest) if cfg.manifest else None
     sources = discover_fragments(cfg.root, manifest)
@@ -118,16 +125,79 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> list[Fragme
     checked = [check_fragment(s) for s in sources]
     for frag in checked:
         _check_mask(frag.source)
-    root = create_store(cfg.out)
-    results = []
-    client = _client(cfg.scheduler)
-    try:
-        for frag in checked:
-            results.append(_ingest_one(root, frag, cfg, client, log))
-    finally:
-        if client is not None:
-            client.close()
+    out = Path(cfg.out)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    with hold_lock(store_lock_path(out), f"store {out}", "inkpipe ingest", log):
+        root = create_store(out)
+        check_space(root, [f for f in checked if not _unchanged(root, f, cfg)], cfg)
+        results = []
+        client = _client(cfg.scheduler)
+        try:
+            for frag in checked:
+                with disk_full_as_error(out, f"fragment {frag.source.id}", _redo_hint(frag)):
+                    results.append(_ingest_one(root, frag, cfg, client, log))
+        finally:
+            if client is not None:
+                client.close()
     return results
+
+
+def store_lock_path(store: Path) -> Path:
+    """Return the lock file of a store being written: ``store.zarr`` -> ``store.zarr.lock``."""
+    store = Path(store)
+    return store.with_name(store.name + ".lock")
+
+
+def _redo_hint(frag: CheckedFragment) -> str:
+    return (
+        "free some space and run the same command again: complete fragments are kept and "
+        f"fragment {frag.source.id} is redone"
+    )
+
+
+def check_space(root: zarr.Group, todo: list[CheckedFragment], cfg: IngestConfig) -> None:
+    """Raise DiskFullError, before anything is written, if ``todo`` may not fit on the disk.
+
+    The need is :func:`~inkpipe.pipeline.store.fragment_bytes_bound` of each fragment, less
+    what its old version (complete or interrupted), deleted before it is rewritten, takes.
+    """
+    if not todo:
+        return
+    out = Path(cfg.out)
+    block = block_bytes(out)
+    need = 0
+    for frag in todo:
+        src = frag.source
+        planes = 1 + (src.labels_path is not None) + (src.ir_path is not None)
+        need += fragment_bytes_bound(frag.shape, cfg.settings, planes, block)
+        need -= _group_bytes(out / src.id)
+    ids = ", ".join(f.source.id for f in todo)
+    check_free(
+        out,
+        need,
+        f"fragment{'s' if len(todo) > 1 else ''} {ids} into store {out}",
+        "free some space, pass another --out, or ingest fewer fragments at a time with "
+        "--fragment ID (complete fragments are kept)",
+    )
+
+
+def _group_bytes(path: Path) -> int:
+    """Bytes on disk under ``path`` (0 if absent): freed when a fragment is rewritten."""
+    if not path.is_dir():
+        return 0
+    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
+
+
+def _unchanged(root: zarr.Group, frag: CheckedFragment, cfg: IngestConfig) -> bool:
+    """Whether ``frag`` is in the store, complete, from the same sources and settings."""
+    old = fragment_meta(root, frag.source.id)
+    return (
+        old is not None
+        and old.complete
+        and not cfg.overwrite
+        and old.sources == source_signature(frag)
+        and old.settings == asdict(cfg.settings)
+    )
 
 
 def _client(address: str | None) -> Any:
@@ -174,18 +244,13 @@ def _ingest_one(
     signature = source_signature(frag)
     input_bytes = sum(v[0] for k, v in signature.items() if k.startswith("surface_volume"))
     old = fragment_meta(root, src.id)
-    if (
-        old is not None
-        and old.complete
-        and not cfg.overwrite
-        and old.sources == signature
-        and old.settings == asdict(settings)
-    ):
+    if _unchanged(root, frag, cfg):
         log(f"fragment {src.id}: unchanged, skipped (use --overwrite to redo)")
         return FragmentResult(src.id, "skipped", 0.0, input_bytes, frag.shape)
     if old is not None:
         reason = "incomplete from an interrupted run" if not old.complete else "changed"
         log(f"fragment {src.id}: {reason}, re-ingesting")
+    check_space(root, [frag], cfg)  # again: others may have filled the disk meanwhile
     t0 = time.perf_counter()
     mask = _check_mask(src)
     labels = read_binary(src.labels_path, "ink labels") if src.labels_path else None

@@ -381,6 +381,42 @@ def write_windows(group: zarr.Group, windows: NDArray[np.int32], settings: Store
     )
 
 
+# Bytes of a fragment's metadata files (zarr.json of the group and its six arrays, the source
+# list of 65 slices included) and of the root's zarr.json rewritten when it is listed.
+METADATA_BOUND_BYTES = 64 * 1024
+BLOSC_OVERHEAD_BYTES = 16  # Blosc stores an incompressible chunk as is, after its header
+
+
+def fragment_bytes_bound(
+    shape: tuple[int, int, int], settings: StoreSettings, planes: int, block_bytes: int = 4096
+) -> int:
+    """Return an upper bound of the bytes a fragment takes on disk once written.
+
+    Every chunk is stored at its full shape (edge chunks are padded), compression is assumed
+    to gain nothing (Blosc then adds its header; Zstd, for the tables, ~1 %), and every file
+    fills whole file-system blocks of ``block_bytes``.
+
+    Args:
+        shape: (layers, H, W) of the fragment.
+        settings: the chunking of the volume and the window geometry.
+        planes: how many 2-D uint8 images are stored (mask, labels, IR: 1 to 3).
+        block_bytes: the file system's allocation unit.
+    """
+    z, h, w = shape
+
+    def chunked(dims: tuple[int, ...], chunks: tuple[int, ...], item: int, overhead: int) -> int:
+        n_chunks = int(np.prod([-(-d // c) for d, c in zip(dims, chunks)]))
+        per_chunk = int(np.prod(chunks)) * item + overhead
+        return n_chunks * (-(-per_chunk // block_bytes) * block_bytes)
+
+    cz, cp = min(settings.chunk_layers, z), settings.chunk_px
+    volume = chunked((z, h, w), (cz, min(cp, h), min(cp, w)), 2, BLOSC_OVERHEAD_BYTES)
+    plane = chunked((h, w), (min(4 * cp, h), min(4 * cp, w)), 1, BLOSC_OVERHEAD_BYTES)
+    n_windows = (h // max(settings.stride_px, 1) + 2) * (w // max(settings.stride_px, 1) + 2)
+    tables = sum(int(n * 1.01) + 128 + block_bytes for n in (n_windows * 16, z * 4 * 8))
+    return volume + planes * plane + tables + METADATA_BOUND_BYTES
+
+
 def finish_fragment(root: zarr.Group, group: zarr.Group, meta: FragmentMeta) -> None:
     """Mark a fragment complete (its last write) and list it in the root attributes."""
     attrs = meta.to_attrs()
