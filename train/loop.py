@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 
 from inkpipe.numerics.blending import sliding_window_predict
 from inkpipe.numerics.metrics import search_threshold
+from inkpipe.pipeline.disk import disk_full_as_error
 from inkpipe.pipeline.errors import ConfigError, TrainingError
+from inkpipe.pipeline.locks import hold_lock
 from inkpipe.pipeline.memory import retain_freed_memory
 from inkpipe.pipeline.store import open_fragments
 from inkpipe.pipeline.volume import Normalizer, VolumeView
@@ -50,6 +52,7 @@ from .losses import build_loss, coarse_targets
 from .mining import mine_hard_negatives
 from .models import SMALL_2D, ModelSpec, build_model, count_parameters
 from .recipe import EPOCHS_WITHIN_BUDGET, describe, resolve
+from .rng import capture_rng, restore_rng
 from .split import Plan, plan_run
 
 # Saved with the configuration of the run they continue; another value refuses --resume.
@@ -238,6 +241,8 @@ class Trainer:
         state.epoch = int(x["epoch"]) + 1
         state.step = int(x.get("step", 0))
         state.best = Best(float(x["best_f05"]), float(x["best_threshold"]), int(x["best_epoch"]))
+        if "rng" in x and self.d.world_size == 1:  # continue the random streams (train/rng.py)
+            restore_rng(x["rng"], self.dataset.augment, self.loader.generator)
         self.log(f"resuming {self.out} at epoch {state.epoch + 1}")
 
     # -------------------------------------------------------------------------- train
@@ -426,6 +431,7 @@ class Trainer:
                 best_f05=state.best.f05,
                 best_threshold=state.best.threshold,
                 best_epoch=state.best.epoch,
+                rng=capture_rng(self.dataset.augment, self.loader.generator),
                 **ema_extra,
             ),
         )
@@ -529,4 +535,20 @@ def train_one(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResu
     with distributed(device) as d:
         seed_everything(cfg.seed + d.rank)
         trainer = Trainer(cfg, plan, device, d, log if d.main else (lambda s: None))
-        return trainer.run()
+        return _run_locked(trainer, cfg, d.main, log)
+
+
+def run_lock_path(out: Path) -> Path:
+    """Return the lock file of a run folder being trained into."""
+    return Path(out) / "train.lock"
+
+
+def _run_locked(trainer: Trainer, cfg: TrainConfig, main: bool, log: Callable) -> TrainResult:
+    """Run ``trainer`` holding the run folder's lock (rank 0); a full disk is one line."""
+    fix = "free some space, then continue with --resume (the checkpoints already written are kept)"
+    with disk_full_as_error(cfg.out, f"the run {cfg.out}", fix):
+        if not main:
+            return trainer.run()
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        with hold_lock(run_lock_path(cfg.out), f"run {cfg.out}", "inkpipe train", log):
+            return trainer.run()
