@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from inkpipe.numerics.blending import sliding_window_predict
 from inkpipe.pipeline import __version__
 from inkpipe.pipeline.checks import check_int, check_number, repeated
+from inkpipe.pipeline.disk import check_free, disk_full_as_error
 from inkpipe.pipeline.errors import (
     ConfigError,
     InputNotFoundError,
@@ -422,12 +423,40 @@ def render_overlay(
     return rgb, gray.shape[0] / height
 
 
+def _spills(cfg: PredictConfig, shape: tuple[int, int]) -> bool:
+    """Whether the blend canvases of a fragment exceed the budget (and go to memory maps)."""
+    canvas_mb = 3 * 4 * shape[0] * shape[1] / 2**20  # sum, weights, result; float32
+    return canvas_mb > cfg.canvas_budget_mb
+
+
 def _canvas_dir(cfg: PredictConfig, shape: tuple[int, int]) -> Path | None:
     """Return a fresh temporary folder for memory-mapped canvases if they exceed the budget."""
-    canvas_mb = 3 * 4 * shape[0] * shape[1] / 2**20  # sum, weights, result; float32
-    if canvas_mb <= cfg.canvas_budget_mb:
+    if not _spills(cfg, shape):
         return None
     return Path(tempfile.mkdtemp(prefix=".canvas-", dir=cfg.out))
+
+
+def _png_bytes_bound(height: int, width: int, channels: int = 1) -> int:
+    """Bound a PNG of incompressible rows: a filter byte per row, ~1 % deflate framing."""
+    return int((height * (width * channels + 1)) * 1.01) + 8192
+
+
+def output_bytes_bound(cfg: PredictConfig, shapes: Sequence[tuple[int, int]]) -> int:
+    """Return an upper bound of the disk space ``predict`` needs for fragments of ``shapes``.
+
+    Per fragment: the probability and mask PNGs and the overlay; and the memory-mapped blend
+    canvases (sum and weights, float32) of the largest fragment whose canvases exceed the
+    budget; they are deleted after each fragment. The submission's size is known only at the
+    end, and is checked then.
+    """
+    pictures, canvases = 0, 0
+    for height, width in shapes:
+        scale = min(1.0, OVERLAY_MAX_PX / max(height, width))
+        small = (max(1, round(height * scale)), max(1, round(width * scale)))
+        pictures += 2 * _png_bytes_bound(height, width) + _png_bytes_bound(*small, channels=3)
+        if _spills(cfg, (height, width)):
+            canvases = max(canvases, 2 * (4 * height * width + 8192))
+    return pictures + canvases
 
 
 def _predict_fragment(
@@ -554,6 +583,13 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = print) -> list[Frag
     )
     cfg.out.mkdir(parents=True, exist_ok=True)
     fragments = resolve_fragments(cfg, models.layers, log)
+    shapes = [(int(f.meta.shape[1]), int(f.meta.shape[2])) for f in fragments]
+    check_free(
+        cfg.out,
+        output_bytes_bound(cfg, shapes),
+        f"the predictions of {len(fragments)} fragment(s) in {cfg.out}",
+        "free some space or pass another --out",
+    )
     predictor = build_predictor(models, cfg.device, cfg.tta)
     log(
         f"predicting {len(fragments)} fragment(s) with {len(models.checkpoints)} checkpoint(s): "
@@ -562,12 +598,16 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = print) -> list[Frag
     )
     results: list[FragmentPrediction] = []
     rows: list[tuple[str, str]] = []
-    for frag in fragments:
-        result, rle = _predict_fragment(frag, predictor, models, cfg, threshold, log)
-        results.append(result)
-        rows.append((frag.id, rle))
-    write_submission(cfg.out / SUBMISSION, rows)
-    _write_record(cfg, models, threshold, results)
+    again = "free some space and run the same command again"
+    with disk_full_as_error(cfg.out, "the predictions", again):
+        for frag in fragments:
+            result, rle = _predict_fragment(frag, predictor, models, cfg, threshold, log)
+            results.append(result)
+            rows.append((frag.id, rle))
+        csv_bytes = sum(len(i) + len(r) + 2 for i, r in rows) + 64
+        check_free(cfg.out, csv_bytes, f"the submission {cfg.out / SUBMISSION}", again)
+        write_submission(cfg.out / SUBMISSION, rows)
+        _write_record(cfg, models, threshold, results)
     return results
 
 

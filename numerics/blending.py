@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from inkpipe.pipeline.checks import check_int, check_number
+from inkpipe.pipeline.disk import reserve
 from inkpipe.pipeline.errors import ConfigError, InvalidInputError, check_choice
 from inkpipe.pipeline.windows import grid_windows, holds_valid_pixel
 
@@ -125,6 +126,10 @@ class BlendAccumulator:
             self.weights = np.lib.format.open_memmap(
                 self.out_dir / "blend_weight.npy", mode="w+", dtype=self.dtype, shape=self.shape
             )
+            # Sparse files would take their blocks as pages are first written, and a full
+            # disk then kills the process (SIGBUS); allocated now, it is an OSError here.
+            for name in ("blend_sum.npy", "blend_weight.npy"):
+                reserve(self.out_dir / name, (self.out_dir / name).stat().st_size)
 
     def add(self, prob: ArrayLike, origins: ArrayLike) -> None:
         """Add a batch of tile predictions.

@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from inkpipe.pipeline import __version__
+from inkpipe.pipeline.disk import check_free
 from inkpipe.pipeline.errors import InputNotFoundError, InvalidInputError, UnsafeCheckpointError
 from inkpipe.pipeline.files import atomic_target
 from inkpipe.pipeline.layers import LayerRange, parse_layers
@@ -124,9 +125,30 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
     """
     path = Path(path)
     data = plain({"format": FORMAT, "version": __version__, **payload})
+    # The new file is written beside the old one, which stays until the rename.
+    check_free(
+        path.parent,
+        tensor_bytes(data) + PICKLE_SLACK_BYTES,
+        f"checkpoint {path}",
+        "free some space, then continue with --resume (the checkpoints already written are kept)",
+    )
     with atomic_target(path) as tmp:
         torch.save(data, tmp)
     return path
+
+
+PICKLE_SLACK_BYTES = 1 << 20  # what torch.save writes besides the tensors' bytes (keys, config)
+
+
+def tensor_bytes(value: Any) -> int:
+    """Return the bytes of all tensors in ``value`` (nested dicts, lists and tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 def checkpoint_payload(
