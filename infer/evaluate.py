@@ -261,7 +261,8 @@ def evaluate(cfg: EvaluateConfig) -> EvaluationReport:
     missing = [i for i in expected if i not in rows]
     scores = []
     for fragment_id in [*(i for i in rows if i not in extra), *missing]:
-        truth = read_binary(find_label_image(cfg.labels, fragment_id), "ink labels")
+        label_path = find_label_image(cfg.labels, fragment_id)
+        truth = read_binary(label_path, "ink labels", all_set_ok=False)  # as ingest does
         rle = rows.get(fragment_id, "")
         try:
             pred = decode_rle(rle, truth.shape)

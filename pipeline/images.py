@@ -2,11 +2,27 @@
 
 PNG I/O goes through Pillow. Writes are atomic (:mod:`~.files`): an interrupted
 write never leaves a half-written picture.
+
+Binary images (papyrus masks, ink labels) are read by one rule chosen per image from its
+pixel values (:func:`read_binary_image`), the same in ingest and evaluate:
+
+- ``0/1``: only the values 0 and 1 (an 8-bit 0/1 export): 1 is set;
+- ``>127``: 8-bit grey with other values, 0/255 or anti-aliased 0-255 (the real Scroll 1 ink
+  labels have 0.2-2.3 % of their pixels strictly between 0 and 255): above 127 is set;
+- ``1-bit``: a 1-bit image: set bits are set.
+
+Images that fit none are refused: 16- or 32-bit and float images, colour images whose
+channels differ, transparency, grey images with values above 1 but none above 127, images
+of one grey value other than 0, 1 or 255, and images more than half of whose pixels are
+neither 0 nor 255 (a photograph, not a label). An image with no pixel set is valid (a label
+without ink); a label image with every pixel set is refused (``all_set_ok=False``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -16,6 +32,15 @@ from .errors import InputNotFoundError, InvalidInputError
 from .files import atomic_target
 
 Image.MAX_IMAGE_PIXELS = None  # real fragments are ~141 Mpx, above Pillow's bomb guard
+
+BinaryRule = Literal["0/1", ">127", "1-bit"]
+BINARY_RULES: dict[str, str] = {
+    "0/1": "values 0 and 1 only: 1 is set",
+    ">127": "8-bit grey (0/255 or anti-aliased 0-255): above 127 is set",
+    "1-bit": "a 1-bit image: set bits are set",
+}
+MAX_GREY_FRACTION = 0.5  # above this share of pixels strictly between 0 and 255: a photo
+_BINARY_FIX = "save it as an 8-bit grey PNG with 0 (background) and 255 (set)"
 
 
 def read_gray(path: Path, what: str = "image") -> NDArray[np.uint8]:
@@ -52,13 +77,143 @@ def read_gray(path: Path, what: str = "image") -> NDArray[np.uint8]:
         ) from None
 
 
-def read_binary(path: Path, what: str = "mask") -> NDArray[np.uint8]:
-    """Read a mask/label image as 0/1: any pixel > 127 is 1.
+@dataclass(frozen=True)
+class BinaryImage:
+    """A mask or label image read as 0/1, and the rule (:data:`BINARY_RULES`) that read it.
+
+    Attributes:
+        pixels: (H, W) uint8 array of 0 and 1.
+        rule: ``"0/1"``, ``">127"`` or ``"1-bit"``.
+    """
+
+    pixels: NDArray[np.uint8]
+    rule: BinaryRule
+
+
+def _grey_channel(im: Image.Image, path: Path, what: str) -> NDArray[np.uint8]:
+    """Return the one grey channel of an 8-bit image, refusing colour and transparency."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        kind = "16-bit" if im.mode.startswith("I;16") else f"32-bit ({im.mode})"
+        raise InvalidInputError(
+            f"{what} {path} is a {kind} image, expected 8-bit grey or 1-bit; {_BINARY_FIX}"
+        )
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode not in ("L", "LA", "RGB", "RGBA"):
+        raise InvalidInputError(
+            f"{what} {path} is a {im.mode} image, expected 8-bit grey or 1-bit; {_BINARY_FIX}"
+        )
+    bands = [np.asarray(band, dtype=np.uint8) for band in im.split()]
+    if im.mode in ("LA", "RGBA"):
+        alpha = bands.pop()
+        if (alpha != 255).any():
+            raise InvalidInputError(
+                f"{what} {path} has transparent pixels ({im.mode}), expected an opaque image; "
+                f"{_BINARY_FIX}"
+            )
+    grey = bands[0]
+    for band in bands[1:]:
+        differ = int(np.count_nonzero(band != grey))
+        if differ:
+            raise InvalidInputError(
+                f"{what} {path} is a colour ({im.mode}) image whose channels differ at "
+                f"{differ} pixel{'s' if differ != 1 else ''}, expected grey; {_BINARY_FIX}"
+            )
+    return grey
+
+
+def binarize_grey(grey: NDArray[np.uint8], where: str, *, all_set_ok: bool = True) -> BinaryImage:
+    """Choose the rule for an 8-bit grey image from its values and apply it.
+
+    Args:
+        grey: (H, W) uint8 pixel values.
+        where: ``"<what> <path>"`` for the error messages.
+        all_set_ok: whether an image with every pixel set is valid (a mask of all papyrus)
+            or refused (ink labels: ink everywhere means an inverted or wrong file).
 
     Returns:
-        (H, W) uint8 array of 0 and 1.
+        A :class:`BinaryImage` by the ``0/1`` or ``>127`` rule.
+
+    Raises:
+        InvalidInputError: the values fit no rule (see the module docstring).
     """
-    return (read_gray(path, what) > 127).astype(np.uint8)
+    hist = np.bincount(grey.reshape(-1), minlength=256)
+    values = np.flatnonzero(hist)
+    if hist[2:].sum() == 0:
+        image = BinaryImage(grey.astype(np.uint8, copy=True), "0/1")
+    else:
+        top = int(values[-1])
+        if top <= 127:
+            raise InvalidInputError(
+                f"{where} has grey values 0..{top}, none above 127, so it fits no rule "
+                "(expected 0/1 with 1 set, 0/255, or grey 0-255 with set pixels above 127); "
+                f"{_BINARY_FIX}"
+            )
+        if len(values) == 1 and top != 255:
+            raise InvalidInputError(
+                f"{where} has the one value {top} everywhere, expected 0/1, 0/255 or "
+                f"anti-aliased grey; {_BINARY_FIX}"
+            )
+        grey_share = hist[1:255].sum() / max(grey.size, 1)
+        if grey_share > MAX_GREY_FRACTION:
+            raise InvalidInputError(
+                f"{where} looks like a photograph: {grey_share:.0%} of its pixels are neither "
+                f"0 nor 255, expected a black-and-white image (at most {MAX_GREY_FRACTION:.0%} "
+                "anti-aliased); pass the mask or label image"
+            )
+        image = BinaryImage((grey > 127).astype(np.uint8), ">127")
+    return _check_all_set(image, where, all_set_ok)
+
+
+def _check_all_set(image: BinaryImage, where: str, all_set_ok: bool) -> BinaryImage:
+    if not all_set_ok and image.pixels.size and image.pixels.all():
+        raise InvalidInputError(
+            f"{where} is set everywhere (rule {image.rule}: {BINARY_RULES[image.rule]}), "
+            "expected ink on part of the image; if it is inverted (black = ink), invert it"
+        )
+    return image
+
+
+def read_binary_image(path: Path, what: str = "mask", *, all_set_ok: bool = True) -> BinaryImage:
+    """Read a mask or label image as 0/1 by the rule its pixel values call for.
+
+    See the module docstring for the rules and for what is refused.
+
+    Args:
+        path: the image file (PNG, TIFF…).
+        what: what the image is, for the error message (``"mask"``, ``"ink labels"``).
+        all_set_ok: whether an image with every pixel set is valid (see
+            :func:`binarize_grey`).
+
+    Returns:
+        A :class:`BinaryImage`: (H, W) uint8 0/1 pixels and the rule used.
+
+    Raises:
+        InputNotFoundError: the file does not exist.
+        InvalidInputError: the file is not a readable image, or fits no rule.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{what} not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode == "1":
+                bits = BinaryImage(np.asarray(im, dtype=np.uint8), "1-bit")
+                return _check_all_set(bits, f"{what} {path}", all_set_ok)
+            grey = _grey_channel(im, path, what)
+    except InvalidInputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInputError(
+            f"cannot read {what} {path}: {exc}; re-export it as an 8-bit PNG"
+        ) from None
+    return binarize_grey(grey, f"{what} {path}", all_set_ok=all_set_ok)
+
+
+def read_binary(path: Path, what: str = "mask", *, all_set_ok: bool = True) -> NDArray[np.uint8]:
+    """Read a mask or label image as (H, W) uint8 0/1 (see :func:`read_binary_image`)."""
+    return read_binary_image(path, what, all_set_ok=all_set_ok).pixels
 
 
 def image_shape(path: Path, what: str = "image") -> tuple[int, int]:

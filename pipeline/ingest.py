@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .disk import block_bytes, check_free, disk_full_as_error
 from .errors import InvalidInputError
 from .fragments import CheckedFragment, FragmentSource, check_fragment, discover_fragments
-from .images import read_binary, read_gray
+from .images import BinaryImage, read_binary_image, read_gray
 from .locks import hold_lock
 from .manifest import load_manifest
 from .store import (
@@ -123,19 +123,19 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> list[Fragme
         sources = [s for s in sources if s.id in cfg.fragment_ids]
     # Check every fragment before writing anything: a bad file fails fast, store untouched.
     checked = [check_fragment(s) for s in sources]
-    for frag in checked:
-        _check_mask(frag.source)
+    rules = {frag.source.id: _binary_rules(frag.source) for frag in checked}
     out = Path(cfg.out)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     with hold_lock(store_lock_path(out), f"store {out}", "inkpipe ingest", log):
         root = create_store(out)
-        check_space(root, [f for f in checked if not _unchanged(root, f, cfg)], cfg)
+        todo = [f for f in checked if not _unchanged(root, f, cfg, rules[f.source.id])]
+        check_space(root, todo, cfg)
         results = []
         client = _client(cfg.scheduler)
         try:
             for frag in checked:
                 with disk_full_as_error(out, f"fragment {frag.source.id}", _redo_hint(frag)):
-                    results.append(_ingest_one(root, frag, cfg, client, log))
+                    results.append(_ingest_one(root, frag, cfg, client, log, rules[frag.source.id]))
         finally:
             if client is not None:
                 client.close()
@@ -188,8 +188,14 @@ def _group_bytes(path: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
 
 
-def _unchanged(root: zarr.Group, frag: CheckedFragment, cfg: IngestConfig) -> bool:
-    """Whether ``frag`` is in the store, complete, from the same sources and settings."""
+def _unchanged(
+    root: zarr.Group, frag: CheckedFragment, cfg: IngestConfig, rules: dict[str, str]
+) -> bool:
+    """Whether ``frag`` is in the store, complete, from the same sources, settings and rules.
+
+    ``rules`` are the binary-image rules its mask and labels call for now
+    (:func:`_binary_rules`).
+    """
     old = fragment_meta(root, frag.source.id)
     return (
         old is not None
@@ -197,7 +203,20 @@ def _unchanged(root: zarr.Group, frag: CheckedFragment, cfg: IngestConfig) -> bo
         and not cfg.overwrite
         and old.sources == source_signature(frag)
         and old.settings == asdict(cfg.settings)
+        and same_binarization(old.binarization, rules)
     )
+
+
+def same_binarization(old: dict[str, str], new: dict[str, str]) -> bool:
+    """Whether images read by rules ``new`` give the pixels stored under rules ``old``.
+
+    A store written before the rules were recorded (``old == {}``) read every image as
+    ``> 127``, which gives the same pixels as the ``>127`` and ``1-bit`` rules; only a ``0/1``
+    image was read differently (as empty), so such a fragment is re-ingested.
+    """
+    if old:
+        return old == new
+    return "0/1" not in new.values()
 
 
 def _client(address: str | None) -> Any:
@@ -208,15 +227,31 @@ def _client(address: str | None) -> Any:
     return Client(address)
 
 
-def _check_mask(src: FragmentSource) -> NDArray[np.uint8]:
-    """Read a fragment's mask as (H, W) uint8 0/1; an empty mask is an error."""
-    mask = read_binary(src.path / "mask.png", "mask")
-    if not mask.any():
+def _check_mask(src: FragmentSource) -> BinaryImage:
+    """Read a fragment's mask as (H, W) uint8 0/1 and its rule; an empty mask is an error."""
+    mask = read_binary_image(src.path / "mask.png", "mask")
+    if not mask.pixels.any():
         raise InvalidInputError(
             f"fragment {src.id}: mask {src.path / 'mask.png'} is empty (no papyrus pixel); "
-            "white (255) must mark the papyrus"
+            "white (255) or 1 must mark the papyrus"
         )
     return mask
+
+
+def _read_labels(src: FragmentSource) -> BinaryImage | None:
+    """Read a fragment's ink labels as 0/1 and their rule (ink everywhere is refused)."""
+    if src.labels_path is None:
+        return None
+    return read_binary_image(src.labels_path, "ink labels", all_set_ok=False)
+
+
+def _binary_rules(src: FragmentSource) -> dict[str, str]:
+    """Check a fragment's mask and labels; return the rule each is read by."""
+    rules: dict[str, str] = {"mask": _check_mask(src).rule}
+    labels = _read_labels(src)
+    if labels is not None:
+        rules["labels"] = labels.rule
+    return rules
 
 
 def source_signature(frag: CheckedFragment) -> dict[str, list[int]]:
@@ -238,22 +273,30 @@ def _ingest_one(
     cfg: IngestConfig,
     client: Any,
     log: Callable[[str], None],
+    rules: dict[str, str],
 ) -> FragmentResult:
     src: FragmentSource = frag.source
     settings = cfg.settings
     signature = source_signature(frag)
     input_bytes = sum(v[0] for k, v in signature.items() if k.startswith("surface_volume"))
     old = fragment_meta(root, src.id)
-    if _unchanged(root, frag, cfg):
+    if _unchanged(root, frag, cfg, rules):
         log(f"fragment {src.id}: unchanged, skipped (use --overwrite to redo)")
         return FragmentResult(src.id, "skipped", 0.0, input_bytes, frag.shape)
     if old is not None:
         reason = "incomplete from an interrupted run" if not old.complete else "changed"
+        if old.complete and not same_binarization(old.binarization, rules):
+            before = old.binarization or "not recorded (all > 127)"
+            reason = f"stored with image rules {before}, now {rules}"
         log(f"fragment {src.id}: {reason}, re-ingesting")
     check_space(root, [frag], cfg)  # again: others may have filled the disk meanwhile
     t0 = time.perf_counter()
-    mask = _check_mask(src)
-    labels = read_binary(src.labels_path, "ink labels") if src.labels_path else None
+    mask_image, label_image = _check_mask(src), _read_labels(src)
+    mask = mask_image.pixels
+    labels = None if label_image is None else label_image.pixels
+    binarization: dict[str, str] = {"mask": mask_image.rule}
+    if label_image is not None:
+        binarization["labels"] = label_image.rule
     ir = read_gray(src.ir_path, "IR image") if src.ir_path else None
     if frag.shape[0] != 65:
         log(f"fragment {src.id}: {frag.shape[0]} layers (the Kaggle fragments have 65)")
@@ -266,6 +309,7 @@ def _ingest_one(
         has_ir=ir is not None,
         sources=signature,
         settings=asdict(settings),
+        binarization=binarization,
         extra={"source_dir": str(src.path.resolve()), "dtype": frag.dtype},
     )
     group = begin_fragment(root, meta, settings)

@@ -11,6 +11,9 @@ Layout (Zarr format 3)::
         windows      int32  (n, 4)      valid windows: y0, x0, mask_px, ink_px
         layer_stats  float64 (z, 4)     per layer inside the mask: mean, std, p01, p99
 
+Mask and labels are 0/1 whatever their source images held; the fragment's ``binarization``
+attribute records the rule that read each (:func:`inkpipe.pipeline.images.read_binary_image`).
+
 A fragment is written with ``complete = False`` and flipped to ``True`` as its last write, and
 only then listed in the root attrs: readers see complete fragments only, and an interrupted
 ingest leaves an incomplete group that the next run deletes and redoes.
@@ -103,6 +106,10 @@ class FragmentMeta:
         sources: per source file: name, size in bytes, mtime (ns).
         settings: the :class:`StoreSettings` used.
         version: inkpipe version that wrote it; complete: the completion marker.
+        binarization: the rule each binary image was read by, ``{"mask": rule, "labels":
+            rule}`` with rules of :data:`inkpipe.pipeline.images.BINARY_RULES` (``"0/1"``,
+            ``">127"``, ``"1-bit"``). Empty in stores written before it was recorded, whose
+            images were all read as ``> 127``.
     """
 
     id: str
@@ -116,6 +123,7 @@ class FragmentMeta:
     version: str = __version__
     complete: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    binarization: dict[str, str] = field(default_factory=dict)
 
     @property
     def layers(self) -> int:
