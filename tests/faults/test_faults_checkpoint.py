@@ -203,3 +203,28 @@ def test_help_documents_the_opt_in():
     for command in ("predict", "train"):
         result = CliRunner().invoke(cli, [command, "--help"])
         assert result.exit_code == 0 and "--trust-checkpoint" in result.output
+
+
+def test_a_trained_run_loads_with_weights_only(tiny_store, tmp_path):
+    """The whole payload of best.pt and last.pt (EMA on, warm-up schedule) needs no pickle."""
+    from inkpipe.train.config import TrainConfig, parse_validation
+    from inkpipe.train.loop import train
+
+    cfg = TrainConfig(
+        store=tiny_store,
+        out=tmp_path / "run",
+        layers=LayerRange(2, 6),
+        epochs=1,
+        steps_per_epoch=2,
+        batch_size=4,
+        tile_px=32,
+        warmup_steps=1,
+        val=parse_validation("patches:4"),
+        progress=False,
+        jitter_px=4,
+    )
+    (result,) = train(cfg, log=lambda _: None)
+    last = torch.load(result.last_path, weights_only=True)
+    for key in ("state_dict", "train_state_dict", "optimizer", "scheduler", "scaler", "history"):
+        assert key in last, key
+    assert torch.load(result.best_path, weights_only=True)["format"] == FORMAT
