@@ -3,18 +3,61 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from inkpipe.infer.evaluate import EvaluateConfig, evaluate
-from inkpipe.infer.predict import PredictConfig, format_predictions, predict
+from inkpipe.infer.predict import RECORD, PredictConfig, format_predictions, predict
 from inkpipe.infer.tta import TTA_MODES
+from inkpipe.pipeline.errors import ConfigError
 
+from .configfile import given_on_command_line, read_config_file
 from .options import default_of, device_option
 
 
+def predict_config(
+    params: dict[str, Any], given: frozenset[str], config_file: Path | None = None
+) -> PredictConfig:
+    """Return the :class:`PredictConfig` of the parsed options ``params``.
+
+    Without ``config_file`` every option counts. With it, the config starts from the file's
+    fields (a YAML file of PredictConfig fields, or the ``predict.json`` of an earlier
+    prediction) and only the options in ``given`` (those on the command line) override them;
+    FRAGMENT arguments replace the file's list, and so do ``--checkpoint`` options.
+
+    Raises:
+        ConfigError: no output folder given, or a bad value.
+    """
+    p = dict(params)
+    quiet = p.pop("quiet")
+    if config_file is None:
+        fields: dict[str, Any] = {}
+        given = frozenset(p) | {"quiet"}
+    else:
+        fields = read_config_file(config_file, PredictConfig, section="config")
+        given &= frozenset(p) | {"quiet"}  # not --config itself
+    fields.update({name: p[name] for name in given - {"quiet"}})
+    if "quiet" in given:
+        fields["progress"] = not quiet
+    if fields.get("out") is None:
+        raise ConfigError(
+            "no output folder given; pass --out OUT, or a --config file with an out: line"
+        )
+    fields.setdefault("checkpoints", ())
+    fields.setdefault("fragments", ())
+    return PredictConfig(**fields)
+
+
 @click.command("predict", short_help="Predict ink on fragments; write submission.csv and pictures.")
-@click.argument("fragments", nargs=-1, required=True)
+@click.argument("fragments", nargs=-1)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    help=f"YAML file of PredictConfig fields, or the {RECORD} of an earlier prediction; the "
+    "options and FRAGMENT arguments given on the command line override it.",
+)
 @click.option(
     "--checkpoint",
     "checkpoints",
@@ -25,7 +68,6 @@ from .options import default_of, device_option
 )
 @click.option(
     "--out",
-    required=True,
     type=click.Path(path_type=Path),
     help="Output folder: submission.csv, <id>_probability.png, <id>_mask.png, "
     "<id>_overlay.png, predict.json.",
@@ -103,23 +145,7 @@ from .options import default_of, device_option
     "train' writes) and a file holding anything else is refused. Only for files you trust.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def predict_command(
-    fragments: tuple[str, ...],
-    checkpoints: tuple[Path, ...],
-    out: Path,
-    store: Path | None,
-    overlap: float,
-    tta: str,
-    threshold: float | None,
-    open_px: int,
-    min_area: int,
-    batch_size: int,
-    device: str,
-    cache_mb: float,
-    canvas_budget_mb: float,
-    trust_checkpoint: bool,
-    quiet: bool,
-) -> None:
+def predict_command(config_file: Path | None, **params: Any) -> None:
     """Predict ink on fragments; write submission.csv and pictures to OUT.
 
     FRAGMENT is a fragment folder (surface_volume/00.tif …, mask.png, optional ir.png), or a
@@ -130,26 +156,12 @@ def predict_command(
     Examples:
       inkpipe predict --checkpoint runs/a/best.pt data/test/a data/test/b --out pred/
       inkpipe predict --checkpoint f1.pt --checkpoint f2.pt --store store.zarr a --out pred/
+      inkpipe predict --config pred/predict.json --tta none --out pred2/
     """  # noqa: D301  (a real backspace: click's marker for "do not rewrap")
-    cfg = PredictConfig(
-        checkpoints=checkpoints,
-        fragments=fragments,
-        out=out,
-        store=store,
-        overlap=overlap,
-        tta=tta,
-        threshold=threshold,
-        open_px=open_px,
-        min_area=min_area,
-        batch_size=batch_size,
-        device=device,
-        cache_mb=cache_mb,
-        canvas_budget_mb=canvas_budget_mb,
-        progress=not quiet,
-        trust_checkpoint=trust_checkpoint,
-    )
+    given = given_on_command_line(click.get_current_context())
+    cfg = predict_config(params, given, config_file)
     results = predict(cfg, log=click.echo)
-    click.echo(format_predictions(results, out))
+    click.echo(format_predictions(results, cfg.out))
 
 
 @click.command("evaluate", short_help="Score a submission CSV against ink labels (F0.5).")
@@ -175,8 +187,7 @@ def evaluate_command(submission: Path, labels: Path, beta: float) -> None:
     competition did. Every fragment with a label image needs a row: a missing row is scored
     as an empty mask (F0.5 0 when the fragment has ink) and counted in the mean; a row
     without a label image is listed as extra and not scored. An empty Predicted is a valid
-    empty mask. Label images are read as in ingest: 0/1 (1 is ink), 8-bit grey (ink above 127)
-    or 1-bit; 16-bit, coloured, transparent and all-ink images are refused.
+    empty mask.
     """
     report = evaluate(EvaluateConfig(submission=submission, labels=labels, beta=beta))
     click.echo(report.to_table())

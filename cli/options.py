@@ -53,5 +53,5 @@ def device_option(config: type) -> Callable[[Callable[..., Any]], Callable[..., 
         default=default_of(config, "device"),
         show_default=True,
         metavar="auto|cpu|cuda|cuda:N",
-        help=f"{DEVICE_HELP[0].upper()}{DEVICE_HELP[1:]}.",
+        help=f"Device: {DEVICE_HELP}.",
     )

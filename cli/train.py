@@ -1,20 +1,44 @@
-"""``inkpipe train``: parse options into a :class:`TrainConfig` and call :func:`train`."""
+"""``inkpipe train``: parse options into a :class:`TrainConfig` and call :func:`train`.
+
+With ``--config FILE`` the config starts from the file's fields (the ``config.yaml`` a run
+writes is one) and the options given on the command line override them.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
-from inkpipe.pipeline.layers import parse_layers
+from inkpipe.pipeline.errors import ConfigError
+from inkpipe.pipeline.layers import LayerRange, parse_layers
 from inkpipe.train.augment import AUG_LEVELS
-from inkpipe.train.config import TrainConfig, parse_validation
+from inkpipe.train.config import TrainConfig, Validation, parse_validation
 from inkpipe.train.losses import LOSS_NAMES, LossSpec
 from inkpipe.train.models import MODEL_NAMES, OUTPUT_STRIDES, ModelSpec
 
+from .configfile import given_on_command_line, read_config_file
 from .options import default_of, device_option
 
 AUTO = "auto"  # --model: the device's recipe (TrainConfig.model = None)
+DEFAULT_OUT = Path("runs/train")
+# field types written as text in a config file, parsed as on the command line
+PARSERS = {LayerRange: (parse_layers, "'28:38'"), Validation: (parse_validation, "patches:64")}
+# options that fill a field of the loss spec
+LOSS_OPTIONS = {
+    "loss": "name",
+    "focal_alpha": "focal_alpha",
+    "focal_gamma": "focal_gamma",
+    "label_smoothing": "label_smoothing",
+}
+# options that need converting, or fill a nested spec; every other option fills its field
+SPECIAL = frozenset(
+    {"layers", "fragments", "model", "encoder", "encoder_weights", "output_stride", "val"}
+    | {"quiet", "out"}
+    | set(LOSS_OPTIONS)
+)
 
 
 def model_spec(name: str, k: int, encoder: str | None, encoder_weights: str) -> ModelSpec | None:
@@ -35,16 +59,75 @@ def model_spec(name: str, k: int, encoder: str | None, encoder_weights: str) -> 
     return None
 
 
+def train_config(
+    params: dict[str, Any], given: frozenset[str], config_file: Path | None = None
+) -> TrainConfig:
+    """Return the :class:`TrainConfig` of the parsed options ``params``.
+
+    Without ``config_file`` every option counts. With it, the config starts from the file's
+    fields and only the options in ``given`` (those on the command line) override them: a
+    nested spec keeps the file's other fields (``--focal-gamma`` changes only that field of
+    the file's ``loss``; ``--encoder`` only the encoder of its ``model``).
+
+    Raises:
+        ConfigError: no store given, or a bad value (from :func:`read_config_file` with the
+            file and key named, or from :class:`TrainConfig`).
+    """
+    p = dict(params)
+    if config_file is None:
+        fields: dict[str, Any] = {}
+        given = frozenset(p)
+    else:
+        fields = read_config_file(config_file, TrainConfig, PARSERS)
+        given &= frozenset(p)  # not --config itself
+    base = dict(fields)
+    fields.update({name: p[name] for name in given - SPECIAL})
+    if "out" in given or "out" not in fields:
+        fields["out"] = p["out"]
+    if fields.get("store") is None:
+        raise ConfigError(
+            "no store given; pass --store STORE.zarr (written by 'inkpipe ingest'), or a "
+            "--config file with a store: line"
+        )
+    if "layers" in given:
+        fields["layers"] = parse_layers(p["layers"])
+    if "fragments" in given:
+        fields["fragments"] = p["fragments"] or None
+    if {"model", "encoder", "encoder_weights"} & given:
+        k = fields.get("layers", default_of(TrainConfig, "layers")).k
+        if "model" in given or base.get("model") is None:
+            fields["model"] = model_spec(p["model"], k, p["encoder"], p["encoder_weights"])
+        else:
+            changed = {n: p[n] for n in ("encoder", "encoder_weights") if n in given}
+            fields["model"] = replace(base["model"], **changed)
+    if "output_stride" in given:
+        fields["output_stride"] = None if p["output_stride"] is None else int(p["output_stride"])
+    loss_changes = {field: p[name] for name, field in LOSS_OPTIONS.items() if name in given}
+    if loss_changes:
+        fields["loss"] = replace(base.get("loss", LossSpec()), **loss_changes)
+    if "val" in given:
+        fields["val"] = parse_validation(p["val"])
+    if "quiet" in given:
+        fields["progress"] = not p["quiet"]
+    return TrainConfig(**fields)
+
+
 @click.command("train", short_help="Train a model on crops streamed from a store.")
 @click.option(
-    "--store",
-    required=True,
+    "--config",
+    "config_file",
     type=click.Path(path_type=Path),
-    help="Zarr store written by 'inkpipe ingest'.",
+    help="YAML file of TrainConfig fields, e.g. the config.yaml a run writes; the options "
+    "given on the command line override it.",
+)
+@click.option(
+    "--store",
+    type=click.Path(path_type=Path),
+    help="Zarr store written by 'inkpipe ingest' (required unless --config names one).",
 )
 @click.option(
     "--out",
-    default=Path("runs/train"),
+    default=DEFAULT_OUT,
     show_default=True,
     type=click.Path(path_type=Path),
     help="Run folder: best.pt, last.pt, metrics.csv, metrics.png, config.yaml.",
@@ -259,7 +342,12 @@ def model_spec(name: str, k: int, encoder: str | None, encoder_weights: str) -> 
     show_default=True,
     help="Budget of the decoded-chunk cache (split between workers).",
 )
-@click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
+@click.option(
+    "--resume/--no-resume",
+    default=default_of(TrainConfig, "resume"),
+    help="Continue the run in --out from last.pt (--no-resume: start afresh, also when a "
+    "--config file says resume: true).",
+)
 @click.option(
     "--trust-checkpoint",
     is_flag=True,
@@ -274,49 +362,25 @@ def model_spec(name: str, k: int, encoder: str | None, encoder_weights: str) -> 
     help="Time budget: training stops at the first step past it (inside an epoch), then "
     "validates and saves.",
 )
+@click.option(
+    "--tensorboard",
+    is_flag=True,
+    default=default_of(TrainConfig, "tensorboard"),
+    help="Also log the metrics to TensorBoard event files in --out (needs the tensorboard "
+    "package: pip install 'inkpipe[tensorboard]').",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_command(
-    store: Path,
-    out: Path,
-    layers: str,
-    fragments: tuple[str, ...],
-    model: str,
-    encoder: str | None,
-    encoder_weights: str,
-    output_stride: str | None,
-    loss: str,
-    focal_alpha: float,
-    focal_gamma: float,
-    label_smoothing: float,
-    val: str,
-    quiet: bool,
-    **options: object,
-) -> None:
+def train_command(config_file: Path | None, **params: Any) -> None:
     """Train a model on crops streamed from a store; keep the best validation F0.5.
 
     Crops of the chosen layers are read straight from the Zarr store through a bounded
     chunk cache, so memory does not grow with the fragment size or the layer count.
     Launched under torchrun (e.g. torchrun --nproc-per-node 2 -m inkpipe.cli train ...)
-    it trains with DistributedDataParallel.
+    it trains with DistributedDataParallel, one GPU per process. With --config FILE (e.g.
+    runs/a/config.yaml) the run starts from that file's settings; the options given on the
+    command line override them.
     """
     from inkpipe.train.loop import train
 
-    layer_range = parse_layers(layers)
-    cfg = TrainConfig(
-        store=store,
-        out=out,
-        layers=layer_range,
-        fragments=fragments or None,
-        model=model_spec(model, layer_range.k, encoder, encoder_weights),
-        output_stride=None if output_stride is None else int(output_stride),
-        loss=LossSpec(
-            name=loss,
-            focal_alpha=focal_alpha,
-            focal_gamma=focal_gamma,
-            label_smoothing=label_smoothing,
-        ),
-        val=parse_validation(val),
-        progress=not quiet,
-        **options,  # type: ignore[arg-type]
-    )
-    train(cfg, log=click.echo)
+    given = given_on_command_line(click.get_current_context())
+    train(train_config(params, given, config_file), log=click.echo)

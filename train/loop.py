@@ -7,8 +7,9 @@ The steps are :meth:`Trainer.build`, :meth:`Trainer.resume`, :meth:`Trainer.trai
 :meth:`Trainer.validate` and :meth:`Trainer.end_epoch`; :meth:`Trainer.run` strings them
 together. The run folder gets the checkpoint with the best validation F0.5 together with the
 threshold searched for it (``best.pt``), the last checkpoint for ``--resume`` (``last.pt``),
-``metrics.csv``, ``metrics.png`` and ``config.yaml``. Launched by ``torchrun``
-(WORLD_SIZE > 1) it trains with DistributedDataParallel.
+(and TensorBoard event files with
+``--tensorboard``). Launched by ``torchrun`` (WORLD_SIZE > 1) it trains with
+DistributedDataParallel, one GPU per process.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from .checkpoint import (
 from .config import TrainConfig, Validation
 from .data import CropDataset, WindowSampler
 from .distributed import Dist, agree, barrier, distributed
-from .history import plot_metrics, write_metrics
+from .history import TensorBoardLog, plot_metrics, write_metrics
 from .losses import build_loss, coarse_targets
 from .mining import mine_hard_negatives
 from .models import SMALL_2D, ModelSpec, build_model, count_parameters
@@ -140,6 +141,7 @@ class Trainer:
         # "epoch 3/20", or "epoch 3" when the time budget decides
         self.of_epochs = f"/{cfg.epochs}" if cfg.epochs < EPOCHS_WITHIN_BUDGET else ""
         self.cfg, self.plan, self.device, self.d, self.log = cfg, plan, device, d, log
+        self.board: TensorBoardLog | None = None  # --tensorboard, on rank 0: opened by start()
         self.spec: ModelSpec = cfg.model
         self.batch_size: int = cfg.batch_size
         self.out = Path(cfg.out)
@@ -378,6 +380,8 @@ class Trainer:
         if self.d.main:
             self.save(state, score)
             write_metrics(self.out / "metrics.csv", state.history)
+            if self.board is not None:
+                self.board.write(row)
             plot_metrics(self.out / "metrics.png", state.history)
             val_text = (
                 ""
@@ -453,6 +457,8 @@ class Trainer:
                 "choose another --out"
             )
         if self.d.main:
+            if cfg.tensorboard:
+                self.board = TensorBoardLog(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             trained = [f.id for i, f in enumerate(plan.fragments) if i != plan.val_fragment]
@@ -480,6 +486,8 @@ class Trainer:
                     f"--max-minutes {self.cfg.max_minutes:g} are spent"
                 )
                 break
+        if self.board is not None:
+            self.board.close()
         best = state.best
         if self.d.main:
             self.log(

@@ -83,14 +83,15 @@ CASES = {
             "output_stride": (TrainConfig, "output_stride", None),
             "quiet": (TrainConfig, "progress", _not),
         },
-        # TrainConfig.out has no default: runs/train is the command line's own
-        frozenset({"store", "out"}),
+        # TrainConfig.out has no default: runs/train is the command line's own; --config
+        # names a file of fields
+        frozenset({"store", "out", "config_file"}),
     ),
     "predict": Case(
         ["a", "--out", "pred"],
         PredictConfig,
         {"quiet": (PredictConfig, "progress", _not)},
-        frozenset({"fragments", "checkpoints", "out"}),
+        frozenset({"fragments", "checkpoints", "out", "config_file"}),
     ),
     "evaluate": Case(
         ["sub.csv", "--labels", "truth"],

@@ -33,7 +33,7 @@ def test_predict_help():
     assert result.exit_code == 0
     for flag in ("--checkpoint", "--store", "--overlap", "--tta", "--threshold", "--open-px"):
         assert flag in result.output
-    assert "flips+rot90" in result.output and "FRAGMENTS..." in result.output
+    assert "flips+rot90" in result.output and "[FRAGMENTS]..." in result.output  # or --config
     result = CliRunner().invoke(cli, ["evaluate", "--help"])
     assert result.exit_code == 0 and "--labels" in result.output and "--beta" in result.output
 
