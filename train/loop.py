@@ -7,7 +7,7 @@ The steps are :meth:`Trainer.build`, :meth:`Trainer.resume`, :meth:`Trainer.trai
 :meth:`Trainer.validate` and :meth:`Trainer.end_epoch`; :meth:`Trainer.run` strings them
 together. The run folder gets the checkpoint with the best validation F0.5 together with the
 threshold searched for it (``best.pt``), the last checkpoint for ``--resume`` (``last.pt``),
-(and TensorBoard event files with
+``metrics.csv``, ``metrics.png`` and ``config.yaml`` (and TensorBoard event files with
 ``--tensorboard``). Launched by ``torchrun`` (WORLD_SIZE > 1) it trains with
 DistributedDataParallel, one GPU per process.
 """
