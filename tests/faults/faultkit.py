@@ -21,6 +21,7 @@ from PIL import Image
 
 from inkpipe.pipeline.locks import _process_started
 from inkpipe.pipeline.store import fragment_ids, open_fragment, open_store
+from tests.conftest import write_fragment
 
 # Runs the CLI after executing PATCH (Python code, may be empty); argv follows.
 DRIVER = """
@@ -112,6 +113,31 @@ def assert_lossless(store: Path, sources: dict[str, Path]) -> None:
         if (folder / "inklabels.png").exists():
             ink = np.asarray(Image.open(folder / "inklabels.png")) > 127
             np.testing.assert_array_equal(frag.labels(), (ink & mask).astype(np.uint8))
+
+
+def three_fragments(root: Path) -> dict[str, Path]:
+    """Write fragments a (test), 1 and 2 (train); ingest discovers them in that order."""
+    return {
+        "a": write_fragment(root / "test" / "a", seed=3, labels=False),
+        "1": write_fragment(root / "train" / "1", seed=1),
+        "2": write_fragment(root / "train" / "2", height=70, width=100, seed=2),
+    }
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    """Save an untrained tiny model reading layers 2:6 with 32 px tiles."""
+    import torch  # here: the subprocess drivers that import this module need no torch
+
+    from inkpipe.pipeline.layers import LayerRange
+    from inkpipe.train.checkpoint import checkpoint_payload, save_checkpoint
+    from inkpipe.train.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec(name="attention-unet", in_channels=4, widths=(4, 8, 16))
+    payload = checkpoint_payload(
+        build_model(spec).eval(), spec, LayerRange(2, 6), 32, 0.5, metrics={}, config={}
+    )
+    return save_checkpoint(path, payload)
 
 
 def file_stamps(folder: Path) -> dict[str, int]:
