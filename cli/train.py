@@ -311,7 +311,10 @@ def train_config(
     "--val",
     default=str(default_of(TrainConfig, "val")),
     show_default=True,
-    help="patches:N (N held-out windows, excluded from training), fragment:ID, or none.",
+    help="regions[:F] (square blocks holding a share F of each training fragment's papyrus, "
+    "default 0.15, excluded from training and predicted whole with blending; fragments too "
+    "small for blocks fall back to 64 patches), patches:N (N held-out windows), fragment:ID, "
+    "or none.",
 )
 @click.option(
     "--val-stride",

@@ -36,6 +36,7 @@ __all__ = [
     "BlockKey",
     "ChunkReader",
     "Normalizer",
+    "RegionView",
     "VolumeView",
     "mapped_empty",
 ]
@@ -233,3 +234,43 @@ class VolumeView:
         """Read the whole view (only for small fragments)."""
         out = self[:, 0 : self.shape[1], 0 : self.shape[2]]
         return out if dtype is None else out.astype(dtype)
+
+
+class RegionView:
+    """A rectangle of a :class:`VolumeView`: (k, h, w), read through the same cache.
+
+    Tiled prediction of a part of a fragment (e.g. a held-out validation block) without
+    reading or allocating the whole fragment.
+
+    Args:
+        view: the fragment's view.
+        y0, x0: the rectangle's origin in the fragment; h, w: its size (inside the view).
+    """
+
+    def __init__(self, view: VolumeView, y0: int, x0: int, h: int, w: int) -> None:
+        if min(y0, x0) < 0 or y0 + h > view.shape[1] or x0 + w > view.shape[2]:
+            raise InvalidInputError(
+                f"region {h}x{w} at ({y0}, {x0}) is outside the view of shape {view.shape}"
+            )
+        self.view, self.y0, self.x0 = view, int(y0), int(x0)
+        self.shape = (view.shape[0], int(h), int(w))
+        self.ndim = 3
+        self.dtype = view.dtype
+
+    def __getitem__(self, key: Any) -> NDArray[np.float32]:
+        """Return ``region[:, ys, xs]`` for unit-step slices, clipped to the region."""
+        if not (isinstance(key, tuple) and len(key) == 3 and key[0] == slice(None)):
+            raise InvalidInputError(f"RegionView supports view[:, y0:y1, x0:x1], got {key!r}")
+        ys, xs = key[1], key[2]
+        y0, y1 = ys.start or 0, min(ys.stop, self.shape[1])
+        x0, x1 = xs.start or 0, min(xs.stop, self.shape[2])
+        oy, ox = self.y0, self.x0
+        return self.view[:, oy + y0 : oy + y1, ox + x0 : ox + x1]
+
+    def read_windows(
+        self, origins: NDArray[np.int64], tile_px: int, read_ahead: NDArray[np.int64] | None = None
+    ) -> NDArray[np.float32]:
+        """:meth:`VolumeView.read_windows` with origins relative to the region."""
+        shift = np.array([self.y0, self.x0], dtype=np.int64)
+        ahead = None if read_ahead is None else np.asarray(read_ahead) + shift
+        return self.view.read_windows(np.asarray(origins) + shift, tile_px, ahead)

@@ -24,17 +24,23 @@ class Validation:
     """How a run is validated.
 
     Attributes:
-        kind: ``"patches"`` (N held-out windows of the training fragments, excluded from
-            training), ``"fragment"`` (a whole held-out fragment) or ``"none"``.
+        kind: ``"regions"`` (square blocks covering ``fraction`` of each training fragment's
+            papyrus, excluded from training and predicted whole, as ``inkpipe predict`` does),
+            ``"patches"`` (N held-out windows of the training fragments), ``"fragment"`` (a
+            whole held-out fragment) or ``"none"``.
         patches: N for ``patches``.
         fragment: the held-out fragment id for ``fragment``.
+        fraction: the held-out share of the papyrus for ``regions``, in (0, 0.5].
     """
 
-    kind: str = "patches"
+    kind: str = "regions"
     patches: int = 64
     fragment: str | None = None
+    fraction: float = 0.15
 
     def __str__(self) -> str:
+        if self.kind == "regions":
+            return f"regions:{self.fraction:g}"
         if self.kind == "patches":
             return f"patches:{self.patches}"
         if self.kind == "fragment":
@@ -43,15 +49,25 @@ class Validation:
 
 
 def parse_validation(text: str) -> Validation:
-    """Parse ``patches:N``, ``fragment:ID`` or ``none``."""
+    """Parse ``regions[:F]``, ``patches:N``, ``fragment:ID`` or ``none``."""
     kind, _, arg = str(text).partition(":")
     if kind == "none" and not arg:
         return Validation("none", 0)
+    if kind == "regions":
+        try:
+            fraction = float(arg) if arg else Validation.fraction
+        except ValueError:
+            fraction = -1.0
+        if 0 < fraction <= 0.5:
+            return Validation("regions", fraction=fraction)
     if kind == "patches" and arg.isdigit() and int(arg) > 0:
         return Validation("patches", int(arg))
     if kind == "fragment" and arg:
         return Validation("fragment", 0, arg)
-    raise ConfigError(f"expected --val patches:N (N > 0), fragment:ID or none, got '{text}'")
+    raise ConfigError(
+        "expected --val regions[:F] (0 < F <= 0.5), patches:N (N > 0), fragment:ID or none, "
+        f"got '{text}'"
+    )
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from inkpipe.pipeline.errors import ConfigError, TrainingError
 from inkpipe.pipeline.locks import hold_lock
 from inkpipe.pipeline.memory import retain_freed_memory
 from inkpipe.pipeline.store import open_fragments
-from inkpipe.pipeline.volume import Normalizer, VolumeView
+from inkpipe.pipeline.volume import Normalizer, RegionView, VolumeView
 
 from .augment import build_augment
 from .checkpoint import (
@@ -326,9 +326,10 @@ class Trainer:
     def validate(self, state: RunState) -> ValScore | None:
         """Score the eval weights on the held-out region: F0.5 over its pixels, threshold searched.
 
-        Patches: each held-out window is predicted whole (they do not overlap). Fragment: the
-        held-out fragment is predicted on a grid with Gaussian blending, as ``inkpipe
-        predict`` does, and scored inside its mask.
+        Regions and fragment: each held-out block (with a margin of context) or the held-out
+        fragment is predicted on a grid with Gaussian blending, as ``inkpipe predict`` does,
+        and scored inside its mask. Patches: each held-out window is predicted whole (they do
+        not overlap).
         """
         cfg, plan = self.cfg, self.plan
         predict = make_predictor(state.eval_model, self.device)
@@ -344,6 +345,26 @@ class Trainer:
                 view, predict, plan.tile_px, stride, self.batch_size, valid=mask, out_dir=spill
             )
             best_t, best_f, table = search_threshold(prob, frag.labels(), valid=mask)
+        elif plan.val_regions:
+            probs, truths = [], []
+            views: dict[int, VolumeView] = {}
+            for r in plan.val_regions:
+                if r.fragment not in views:
+                    frag = plan.fragments[r.fragment]
+                    norm = Normalizer(frag.layer_stats()[cfg.layers.as_slice()])
+                    views[r.fragment] = VolumeView(frag.volume, cfg.layers, norm, cfg.cache_mb / 2)
+                h, w = r.valid.shape
+                prob = sliding_window_predict(
+                    RegionView(views[r.fragment], r.y0, r.x0, h, w),
+                    predict,
+                    plan.tile_px,
+                    plan.tile_px // 2,
+                    self.batch_size,
+                    valid=r.valid,
+                )
+                probs.append(prob[r.valid])
+                truths.append(r.truth[r.valid])
+            best_t, best_f, table = search_threshold(np.concatenate(probs), np.concatenate(truths))
         elif len(plan.val_windows):
             probs, truths, valids = [], [], []
             for i in range(0, len(plan.val_windows), self.batch_size):
@@ -466,8 +487,7 @@ class Trainer:
             self.log(
                 f"training {self.spec.name} ({count_parameters(state.model) / 1e6:.2f} M "
                 f"parameters) on {', '.join(trained)}, device {self.device}, validation "
-                f"{cfg.val}"
-                + (f" ({len(plan.val_windows)} windows)" if cfg.val.kind == "patches" else "")
+                f"{cfg.val}" + val_extent(plan, cfg.val.kind)
             )
         barrier(self.d)
 
@@ -526,6 +546,21 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[TrainRes
             results.extend(train(fold, log))
         return results
     return [train_one(cfg, log)]
+
+
+def val_extent(plan: Plan, kind: str) -> str:
+    """Say how much is held out, e.g. `` (12 blocks, 0.9 Mpx of papyrus, 8.1 % ink)``."""
+    if plan.val_regions:
+        px = sum(int(r.valid.sum()) for r in plan.val_regions)
+        ink = sum(int((r.truth & r.valid).sum()) for r in plan.val_regions)
+        return (
+            f" ({len(plan.val_regions)} blocks, {px / 1e6:.2f} Mpx of papyrus, "
+            f"{ink / max(px, 1):.1%} ink)"
+        )
+    if len(plan.val_windows):
+        small = "fragments too small for regions: " if kind == "regions" else ""
+        return f" ({small}{len(plan.val_windows)} windows)"
+    return ""
 
 
 def seed_everything(seed: int) -> None:

@@ -2,8 +2,9 @@
 
 Windows come from the store's window index when the run's tile is the one the store was
 indexed with, and are derived from the stored mask and labels otherwise (any tile and stride,
-in seconds, no re-ingest). Held-out patches are picked so that training keeps most windows
-and some ink, and training windows near a held-out one are dropped.
+in seconds, no re-ingest). Held-out regions (square blocks of the papyrus, the default) and
+held-out patches (single windows) are picked so that training keeps most windows and some ink,
+and training windows that could reach a held-out pixel are dropped.
 """
 
 from __future__ import annotations
@@ -17,8 +18,26 @@ from inkpipe.pipeline.errors import ConfigError, TrainingError
 from inkpipe.pipeline.store import Fragment, open_fragments
 from inkpipe.pipeline.windows import INK_PX, X0, Y0, index_windows
 
-from .config import TrainConfig
+from .config import TrainConfig, Validation
 from .data import CropTable, WindowSet
+
+
+@dataclass(frozen=True)
+class Region:
+    """A held-out block of a training fragment, with the margin it is predicted with.
+
+    Attributes:
+        fragment: index into :attr:`Plan.fragments`.
+        y0, x0: origin of the predicted rectangle (the block plus a margin of context).
+        valid: (h, w) bool, the scored pixels: papyrus inside the block.
+        truth: (h, w) bool ink labels of the rectangle.
+    """
+
+    fragment: int
+    y0: int
+    x0: int
+    valid: NDArray[np.bool_]
+    truth: NDArray[np.bool_]
 
 
 @dataclass(frozen=True)
@@ -30,6 +49,7 @@ class Plan:
     val_windows: CropTable  # (n, 3) held-out windows (patches validation)
     val_fragment: int | None  # index into fragments (fragment validation)
     tile_px: int
+    val_regions: tuple[Region, ...] = ()  # regions validation
 
 
 def fragment_windows(frag: Fragment, tile_px: int) -> NDArray[np.int32]:
@@ -89,8 +109,17 @@ def plan_run(cfg: TrainConfig) -> Plan:
     ]
     rng = np.random.default_rng([cfg.seed, 7])
     val_windows = np.zeros((0, 3), np.int64)
-    if cfg.val.kind == "patches":
-        val_windows = pick_held_out(sets, cfg.val.patches, tile, rng, tile + cfg.jitter_px)
+    regions: tuple[Region, ...] = ()
+    if cfg.val.kind == "regions":
+        side = max(REGION_TILES * tile, MIN_REGION_PX)
+        blocks = pick_regions(frags, sets, cfg.val.fraction, side, tile, cfg.jitter_px, rng)
+        if len(blocks):
+            sets = exclude_blocks(sets, blocks, tile, cfg.jitter_px)
+            regions = region_crops(frags, blocks, tile // 2)
+    if cfg.val.kind == "patches" or (cfg.val.kind == "regions" and not regions):
+        # too small for regions: fall back to the default number of held-out windows
+        n = cfg.val.patches if cfg.val.kind == "patches" else Validation.patches
+        val_windows = pick_held_out(sets, n, tile, rng, tile + cfg.jitter_px)
         sets = exclude_near(sets, val_windows, tile + cfg.jitter_px)
     if not any((s.windows[:, INK_PX] > 0).any() for s in sets):
         raise TrainingError(
@@ -98,7 +127,7 @@ def plan_run(cfg: TrainConfig) -> Plan:
             "check the ink labels, or lower --min-coverage at ingest"
         )
     val_index = len(frags) - 1 if val_id is not None else None
-    return Plan(frags, sets, val_windows, val_index, tile)
+    return Plan(frags, sets, val_windows, val_index, tile, regions)
 
 
 def stored_tile(frags: list[Fragment], cfg: TrainConfig) -> int:
@@ -174,3 +203,106 @@ def exclude_near(sets: list[WindowSet], held: CropTable, distance_px: int) -> li
             )
         out.append(WindowSet(s.fragment, s.shape, s.windows[keep]))
     return out
+
+
+REGION_TILES = 4  # a held-out block is this many training tiles wide ...
+MIN_REGION_PX = 256  # ... and at least this many pixels
+MIN_BLOCKS = 4  # a fragment with fewer candidate blocks holds none out
+
+
+def pick_regions(
+    frags: list[Fragment],
+    sets: list[WindowSet],
+    fraction: float,
+    side_px: int,
+    tile_px: int,
+    jitter_px: int,
+    rng: np.random.Generator,
+) -> NDArray[np.int64]:
+    """Pick square blocks holding about ``fraction`` of each training fragment's papyrus.
+
+    Blocks lie on a grid of ``side_px`` (cut at the fragment's edges) and are at least half
+    papyrus. Each fragment gives at least one block when it has :data:`MIN_BLOCKS` candidates,
+    the first with ink when one has; the rest are random, so the held-out ink share is about
+    the fragment's own. A block is only taken while half of the fragment's windows, and one
+    with ink, stay trainable.
+
+    Returns:
+        (n, 5) int64 (fragment, y0, x0, h, w).
+    """
+    chosen: list[tuple[int, int, int, int, int]] = []
+    for s in sets:
+        mask = frags[s.fragment].mask() > 0
+        ink = (frags[s.fragment].labels() > 0) & mask
+        h, w = mask.shape
+        blocks = [
+            (y, x, min(side_px, h - y), min(side_px, w - x))
+            for y in range(0, h, side_px)
+            for x in range(0, w, side_px)
+        ]
+        area = np.array([bh * bw for _, _, bh, bw in blocks], dtype=np.float64)
+        paper = np.array([mask[y : y + bh, x : x + bw].sum() for y, x, bh, bw in blocks])
+        inked = np.array([ink[y : y + bh, x : x + bw].sum() for y, x, bh, bw in blocks])
+        candidates = np.flatnonzero((paper >= 0.5 * area) & (area >= 0.5 * side_px**2))
+        if len(candidates) < MIN_BLOCKS:
+            continue
+        order = rng.permutation(candidates)
+        with_ink = order[inked[order] > 0]
+        if len(with_ink):
+            order = np.concatenate([with_ink[:1], order[order != with_ink[0]]])
+        target = fraction * mask.sum()
+        trainable = np.ones(len(s.windows), bool)
+        held = 0
+        for i in order:
+            y, x, bh, bw = blocks[i]
+            left = trainable & ~_reaches(s.windows, (y, x, bh, bw), tile_px, jitter_px)
+            if left.sum() < len(s.windows) / 2 or not (s.windows[left, INK_PX] > 0).any():
+                continue
+            trainable = left
+            chosen.append((s.fragment, y, x, bh, bw))
+            held += int(paper[i])
+            if held >= target:
+                break
+    return np.array(chosen, dtype=np.int64).reshape(-1, 5)
+
+
+def _reaches(
+    windows: NDArray[np.int32], block: tuple[int, int, int, int], tile_px: int, jitter_px: int
+) -> NDArray[np.bool_]:
+    """Which windows' crops can include a pixel of ``block`` (y, x, h, w).
+
+    A crop is ``tile_px`` square from the window's origin, shifted up to ``jitter_px`` each way.
+    """
+    y, x, bh, bw = block
+    wy, wx = windows[:, Y0].astype(np.int64), windows[:, X0].astype(np.int64)
+    j = jitter_px
+    return (wy - j < y + bh) & (wy + tile_px + j > y) & (wx - j < x + bw) & (wx + tile_px + j > x)
+
+
+def exclude_blocks(
+    sets: list[WindowSet], blocks: NDArray[np.int64], tile_px: int, jitter_px: int
+) -> list[WindowSet]:
+    """Drop training windows whose crop can include a pixel of a held-out block."""
+    out = []
+    for s in sets:
+        keep = np.ones(len(s.windows), bool)
+        for _, y, x, bh, bw in blocks[blocks[:, 0] == s.fragment].tolist():
+            keep &= ~_reaches(s.windows, (y, x, bh, bw), tile_px, jitter_px)
+        out.append(WindowSet(s.fragment, s.shape, s.windows[keep]))
+    return out
+
+
+def region_crops(
+    frags: list[Fragment], blocks: NDArray[np.int64], margin_px: int
+) -> tuple[Region, ...]:
+    """Cut the scored mask and the labels of each block, with ``margin_px`` of context."""
+    out = []
+    for f, y, x, bh, bw in blocks.tolist():
+        mask, labels = frags[f].mask(), frags[f].labels()
+        h, w = mask.shape
+        y0, x0 = max(0, y - margin_px), max(0, x - margin_px)
+        y1, x1 = min(h, y + bh + margin_px), min(w, x + bw + margin_px)
+        valid = np.zeros((y1 - y0, x1 - x0), bool)
+        valid[y - y0 : y - y0 + bh, x - x0 : x - x0 + bw] = mask[y : y + bh, x : x + bw] > 0
+        out.append(Region(f, y0, x0, valid, labels[y0:y1, x0:x1] > 0))
+    return tuple(out)
