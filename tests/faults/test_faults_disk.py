@@ -27,6 +27,7 @@ from PIL import Image
 from inkpipe.cli import cli
 from inkpipe.infer.predict import PredictConfig, output_bytes_bound
 from inkpipe.pipeline import disk
+from inkpipe.pipeline.errors import DiskFullError
 from inkpipe.pipeline.ingest import store_lock_path
 from inkpipe.pipeline.store import StoreSettings, fragment_bytes_bound, fragment_ids, open_store
 from inkpipe.train.checkpoint import load_checkpoint
@@ -309,3 +310,40 @@ def test_memory_mapped_canvases_fail_on_a_full_disk_not_later(tiny_store, tmp_pa
     line = error_line(result.output, result.exit_code)
     assert line.startswith(f"Error: the disk is full writing the predictions ({out}: ")
     assert not list(out.glob(".canvas-*"))  # the canvases' folder is removed
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def test_the_fragment_bound_holds_on_disk(tiny_store):
+    root = open_store(tiny_store)
+    block = disk.block_bytes(tiny_store)
+    for fid in fragment_ids(root):
+        group = tiny_store / fid
+        used = sum(p.stat().st_blocks * 512 for p in group.rglob("*") if p.is_file())
+        meta = open_store(tiny_store)[fid].attrs["inkpipe"]
+        planes = 1 + meta["has_labels"] + meta["has_ir"]
+        assert 0 < used <= fragment_bytes_bound(tuple(meta["shape"]), TINY, planes, block)
+
+
+def test_disk_helpers(tmp_path, monkeypatch):
+    assert disk.format_bytes(512) == "512 B" and disk.format_bytes(3.14e6) == "3.14 MB"
+    assert disk.format_bytes(7.63e9) == "7.63 GB" and disk.format_bytes(12.5e3) == "12.5 kB"
+    assert disk.free_bytes(tmp_path / "not" / "yet") > 0  # the disk it would be on
+    target = tmp_path / "reserved"
+    target.write_bytes(b"")
+    disk.reserve(target, 1 << 16)
+    assert target.stat().st_size == 1 << 16
+    report_free(monkeypatch, 10**6)
+    with pytest.raises(DiskFullError, match=r"needs up to 2.00 MB, 1.00 MB are free"):
+        disk.check_free(tmp_path / "x", 2 * 10**6, "x", "fix it")
+    full = disk.disk_full_as_error(tmp_path, "y", "fix it")
+    with (
+        pytest.raises(
+            DiskFullError, match=r"the disk is full writing y \(.*1.00 MB free\); fix it"
+        ),
+        full,
+    ):
+        raise enospc(tmp_path / "y")
+    with pytest.raises(PermissionError), disk.disk_full_as_error(tmp_path, "y", "fix it"):
+        raise PermissionError(errno.EACCES, "denied")  # not a full disk: unchanged
