@@ -187,7 +187,8 @@ def evaluate_command(submission: Path, labels: Path, beta: float) -> None:
     competition did. Every fragment with a label image needs a row: a missing row is scored
     as an empty mask (F0.5 0 when the fragment has ink) and counted in the mean; a row
     without a label image is listed as extra and not scored. An empty Predicted is a valid
-    empty mask.
+    empty mask. Label images are read as in ingest: 0/1 (1 is ink), 8-bit grey (ink above 127)
+    or 1-bit; 16-bit, coloured, transparent and all-ink images are refused.
     """
     report = evaluate(EvaluateConfig(submission=submission, labels=labels, beta=beta))
     click.echo(report.to_table())
