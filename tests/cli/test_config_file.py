@@ -121,7 +121,7 @@ def test_without_a_config_the_options_are_what_they_were(tmp_path):
         ("resume: 1\n", "resume: expected true or false, got 1 (int)"),
         ("layers: 28:38\n", "layers: expected text like '28:38', got 1718 (int); quote it, "),
         ("layers: '38:28'\n", "layers: expected layers as START:STOP with 0 <= START < STOP"),
-        ("val: twelve\n", "val: expected --val patches:N"),
+        ("val: twelve\n", "val: expected --val regions[:F] (0 < F <= 0.5), patches:N"),
         ("loss: {focal_gama: 2}\n", "key 'loss.focal_gama'; did you mean 'loss.focal_gamma'?"),
         ("loss: {gama: 2}\n", "key 'loss.gama'; remove it or use a field of LossSpec: name,"),
         ("loss: focal\n", "loss: expected a mapping of LossSpec fields"),
