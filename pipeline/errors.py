@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from enum import StrEnum
+from typing import TypeVar, overload
+
+Choice = TypeVar("Choice", bound=StrEnum)
 
 
 class InkpipeError(Exception):
@@ -56,19 +60,28 @@ class LockedError(InkpipeError, RuntimeError):
     """A store or run folder is being written by another inkpipe process."""
 
 
-def closest(given: str, choices: Iterable[str]) -> str:
+def closest(given: object, choices: Iterable[str]) -> str:
     """Return a ``"; did you mean 'x'?"`` hint for ``given`` among ``choices``, or ``""``."""
-    matches = difflib.get_close_matches(given, list(choices), n=1, cutoff=0.5)
+    matches = difflib.get_close_matches(str(given), list(choices), n=1, cutoff=0.5)
     return f"; did you mean '{matches[0]}'?" if matches else ""
 
 
-def check_choice(name: str, given: str, choices: Iterable[str]) -> str:
+@overload
+def check_choice(name: str, given: object, choices: type[Choice]) -> Choice: ...
+@overload
+def check_choice(name: str, given: object, choices: Iterable[str]) -> str: ...
+def check_choice(name: str, given: object, choices: type[Choice] | Iterable[str]) -> Choice | str:
     """Return ``given`` if it is one of ``choices``, else raise :class:`ConfigError`.
 
-    The message lists the valid choices and suggests the closest one.
+    ``choices`` is a :class:`~enum.StrEnum` (then the member whose value is ``given`` is
+    returned, so a plain string from a command line or a config file becomes the member) or
+    strings. The message lists the valid choices and suggests the closest one:
+    ``unknown loss 'focall'; did you mean 'focal'? (choose from bce, focal, dice)``.
     """
-    options = list(choices)
-    if given in options:
+    options = [str(c) for c in choices]
+    if isinstance(given, str) and given in options:
+        if isinstance(choices, type) and issubclass(choices, StrEnum):
+            return choices(given)
         return given
     raise ConfigError(
         f"unknown {name} '{given}'{closest(given, options)} (choose from {', '.join(options)})"
