@@ -17,6 +17,7 @@ import difflib
 import types
 import typing
 from collections.abc import Callable, Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,10 @@ def _convert(value: Any, hint: Any, path: Path, key: str, parsers: dict[type, An
         if not isinstance(value, str):
             _wrong(path, key, value, "text")
         return value
+    if isinstance(hint, type) and issubclass(hint, StrEnum):
+        if not isinstance(value, str):
+            _wrong(path, key, value, f"one of {', '.join(hint)}")
+        return value  # the config turns it into the member, or names the closest choice
     if hint is Path:
         if not isinstance(value, str) or not value:
             _wrong(path, key, value, "a path")

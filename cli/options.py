@@ -11,19 +11,22 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 import click
 
 from inkpipe.train.devices import DEVICE_HELP
 
-__all__ = ["default_of", "device_option"]
+__all__ = ["choice_of", "default_of", "device_option"]
 
 
 def default_of(config: type, name: str) -> Any:
     """Return the default of the field ``name`` of the dataclass ``config``.
 
-    A ``default_factory`` is called, so each caller gets a fresh value.
+    A ``default_factory`` is called, so each caller gets a fresh value. A
+    :class:`~enum.StrEnum` member is returned as its plain value, the text ``click.Choice``
+    matches (it would match an enum member by its name).
 
     Raises:
         LookupError: ``config`` has no field ``name`` (with the closest names), or the field
@@ -36,10 +39,18 @@ def default_of(config: type, name: str) -> Any:
         raise LookupError(f"{config.__name__} has no field '{name}'{hint}")
     field = fields[name]
     if field.default is not dataclasses.MISSING:
-        return field.default
+        return str(field.default) if isinstance(field.default, StrEnum) else field.default
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
     raise LookupError(f"{config.__name__}.{name} has no default")
+
+
+def choice_of(choices: type[StrEnum], *extra: str) -> click.Choice[str]:
+    """Return a ``click.Choice`` of the values of ``choices`` (after ``extra`` ones, e.g. auto).
+
+    The values, not the members: ``click.Choice`` would match an enum by its member names.
+    """
+    return click.Choice([*extra, *(str(c) for c in choices)])
 
 
 def device_option(config: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
