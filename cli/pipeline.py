@@ -8,10 +8,10 @@ from typing import Any
 import click
 
 from inkpipe.pipeline.ingest import IngestConfig
-from inkpipe.pipeline.store import CODECS, SHUFFLES, StoreSettings
+from inkpipe.pipeline.store import Codec, Shuffle, StoreSettings
 from inkpipe.pipeline.synth import SynthConfig
 
-from .options import default_of
+from .options import choice_of, default_of
 
 
 def _setting_help(text: str, name: str, tail: str = ".") -> str:
@@ -134,7 +134,7 @@ def synth_command(
 )
 @click.option(
     "--codec",
-    type=click.Choice(CODECS),
+    type=choice_of(Codec),
     default=None,
     help=_setting_help("Blosc compressor", "codec"),
 )
@@ -143,7 +143,7 @@ def synth_command(
 )
 @click.option(
     "--shuffle",
-    type=click.Choice(SHUFFLES),
+    type=choice_of(Shuffle),
     default=None,
     help=_setting_help(
         "Blosc pre-filter", "shuffle", ": bitshuffle stores ~7 % less but decodes 4x slower."

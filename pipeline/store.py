@@ -24,13 +24,14 @@ from __future__ import annotations
 import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import zarr
 from numpy.typing import NDArray
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCname, BloscCodec, BloscShuffle
 
 from . import __version__
 from .checks import check_int
@@ -40,8 +41,24 @@ from .windows import WINDOW_COLUMNS
 SCHEMA_VERSION = 1
 ATTR_KEY = "inkpipe"
 STAT_COLUMNS = ("mean", "std", "p01", "p99")
-CODECS = ("lz4", "zstd", "blosclz", "lz4hc", "zlib")
-SHUFFLES = ("shuffle", "bitshuffle", "noshuffle")
+
+
+class Codec(StrEnum):
+    """The Blosc compressor of the volumes (``--codec``)."""
+
+    LZ4 = "lz4"
+    ZSTD = "zstd"
+    BLOSCLZ = "blosclz"
+    LZ4HC = "lz4hc"
+    ZLIB = "zlib"
+
+
+class Shuffle(StrEnum):
+    """The Blosc pre-filter of the volumes (``--shuffle``)."""
+
+    SHUFFLE = "shuffle"
+    BITSHUFFLE = "bitshuffle"
+    NOSHUFFLE = "noshuffle"
 
 
 @dataclass(frozen=True)
@@ -58,9 +75,9 @@ class StoreSettings:
 
     chunk_layers: int = 4
     chunk_px: int = 512
-    codec: str = "lz4"
+    codec: Codec = Codec.LZ4
     clevel: int = 5
-    shuffle: str = "shuffle"
+    shuffle: Shuffle = Shuffle.SHUFFLE
     tile_px: int = 224
     stride_px: int = 112
     min_coverage: float = 0.1
@@ -71,16 +88,16 @@ class StoreSettings:
                 f"chunks must be at least 1 layer x 16 px, got {self.chunk_layers} x "
                 f"{self.chunk_px}"
             )
-        check_choice("codec", self.codec, CODECS)
-        check_choice("shuffle", self.shuffle, SHUFFLES)
+        object.__setattr__(self, "codec", check_choice("codec", self.codec, Codec))
+        object.__setattr__(self, "shuffle", check_choice("shuffle", self.shuffle, Shuffle))
         check_int("compression level", self.clevel, 0, maximum=9)
 
     def compressor(self) -> BloscCodec:
         """Return the Zarr v3 Blosc codec for volumes."""
         return BloscCodec(
-            cname=self.codec,  # type: ignore[arg-type]  # checked in __post_init__
+            cname=BloscCname(self.codec.value),
             clevel=self.clevel,
-            shuffle=self.shuffle,  # type: ignore[arg-type]
+            shuffle=BloscShuffle(self.shuffle.value),
         )
 
     @classmethod

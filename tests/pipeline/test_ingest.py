@@ -13,6 +13,8 @@ from inkpipe.pipeline import ingest as ingest_mod
 from inkpipe.pipeline.errors import InkpipeError, InputNotFoundError, InvalidInputError, StoreError
 from inkpipe.pipeline.ingest import IngestConfig, ingest, resolve_settings
 from inkpipe.pipeline.store import (
+    Codec,
+    Shuffle,
     StoreSettings,
     fragment_ids,
     fragment_meta,
@@ -164,6 +166,10 @@ def test_manifest_selects_checks_and_groups(fragments_dir, tmp_path):
     run(fragments_dir, tmp_path / "s.zarr", manifest=m, settings=settings)
     (f,) = open_fragments(tmp_path / "s.zarr")
     assert (f.id, f.meta.group, f.volume.chunks) == ("one", "g1", (2, 32, 32))
+    # the attributes hold plain text; the settings read back hold the members
+    assert type(f.meta.settings["codec"]) is str and type(f.meta.settings["shuffle"]) is str
+    assert (f.settings.codec, f.settings.shuffle) == (Codec.LZ4, Shuffle.SHUFFLE)
+    assert isinstance(f.settings.codec, Codec)
     m.write_text(
         yaml.safe_dump(
             {"fragments": [{"id": "1", "path": "train/1", "height_px": 8181, "width_px": 6330}]}
