@@ -14,13 +14,13 @@ import click
 
 from inkpipe.pipeline.errors import ConfigError
 from inkpipe.pipeline.layers import LayerRange, parse_layers
-from inkpipe.train.augment import AUG_LEVELS
+from inkpipe.train.augment import AugLevel
 from inkpipe.train.config import TrainConfig, Validation, parse_validation
 from inkpipe.train.losses import LOSS_NAMES, LossSpec
 from inkpipe.train.models import MODEL_NAMES, OUTPUT_STRIDES, ModelSpec
 
 from .configfile import given_on_command_line, read_config_file
-from .options import default_of, device_option
+from .options import choice_of, default_of, device_option
 
 AUTO = "auto"  # --model: the device's recipe (TrainConfig.model = None)
 DEFAULT_OUT = Path("runs/train")
@@ -226,7 +226,7 @@ def train_config(
     "--aug",
     default=default_of(TrainConfig, "aug"),
     show_default=True,
-    type=click.Choice(AUG_LEVELS),
+    type=choice_of(AugLevel),
     help="none; light = flips + rot90; full = light + brightness/contrast, affine, cut-out.",
 )
 @click.option("--epochs", type=int, default=default_of(TrainConfig, "epochs"), show_default=True)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 import albumentations as A
@@ -42,10 +43,11 @@ import numpy as np
 from numpy.typing import NDArray
 from torch.utils.data import get_worker_info
 
-from inkpipe.pipeline.errors import ConfigError, check_choice
+from inkpipe.pipeline.checks import check_int
+from inkpipe.pipeline.errors import check_choice
 
 __all__ = [
-    "AUG_LEVELS",
+    "AugLevel",
     "Augment",
     "AugmentFn",
     "BrightnessContrastStd",
@@ -53,7 +55,14 @@ __all__ = [
     "reseed",
 ]
 
-AUG_LEVELS = ("none", "light", "full")
+
+class AugLevel(StrEnum):
+    """How much training crops are augmented (``--aug``; see the module docstring)."""
+
+    NONE = "none"
+    LIGHT = "light"
+    FULL = "full"
+
 
 AugmentFn = Callable[[NDArray[Any], NDArray[Any]], tuple[NDArray[np.float32], NDArray[np.float32]]]
 """``augment(image (k, H, W), mask (H, W)) -> (image, mask)``; see :func:`build_augment`."""
@@ -155,7 +164,7 @@ class Augment:
             self._worker_seed = info.seed
 
     def __repr__(self) -> str:
-        return f"Augment(level={self.level!r}, seed={self.seed!r})"
+        return f"Augment(level={str(self.level)!r}, seed={self.seed!r})"
 
 
 def _entropy(seed: int | None) -> int:
@@ -188,11 +197,11 @@ def reseed(augment: Augment, seed: int | None) -> None:
     augment._worker_seed = None if info is None else info.seed
 
 
-def build_augment(level: str, tile_px: int = 224, seed: int | None = None) -> Augment:
+def build_augment(level: AugLevel | str, tile_px: int = 224, seed: int | None = None) -> Augment:
     """Build the augmentation for ``level``.
 
     Args:
-        level: one of :data:`AUG_LEVELS` (``none``, ``light``, ``full``).
+        level: an :class:`AugLevel` or its value (``none``, ``light``, ``full``).
         tile_px: side of the crops, in pixels; sizes the ``CoarseDropout`` holes.
         seed: seed of the random stream (see :func:`reseed`); ``None`` draws one from the OS.
 
@@ -203,17 +212,16 @@ def build_augment(level: str, tile_px: int = 224, seed: int | None = None) -> Au
     Raises:
         ConfigError: unknown ``level`` (with the closest valid one) or ``tile_px < 1``.
     """
-    check_choice("augmentation level", level, AUG_LEVELS)
-    if isinstance(tile_px, bool) or not isinstance(tile_px, int) or tile_px < 1:
-        raise ConfigError(f"tile_px must be a positive integer, got {tile_px!r}")
-    if level == "none":
+    level = check_choice("augmentation level", level, AugLevel)
+    tile_px = check_int("tile_px", tile_px, 1)
+    if level is AugLevel.NONE:
         return Augment(level, None, seed)
     transforms: list[A.BasicTransform] = [
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
         A.RandomRotate90(p=0.5),
     ]
-    if level == "full":
+    if level is AugLevel.FULL:
         hole_px = (max(1, tile_px // 10), max(1, int(tile_px * 0.3)))
         transforms += [
             BrightnessContrastStd(brightness_limit=(-0.2, 0.2), contrast_limit=(-0.2, 0.2), p=0.5),

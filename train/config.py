@@ -13,7 +13,7 @@ from typing import Any
 from inkpipe.pipeline.errors import ConfigError, check_choice
 from inkpipe.pipeline.layers import LayerRange, parse_layers
 
-from .augment import AUG_LEVELS
+from .augment import AugLevel
 from .devices import check_device
 from .losses import LossSpec
 from .models import OUTPUT_STRIDES, ModelSpec
@@ -126,7 +126,7 @@ class TrainConfig:
     tile_px: int | None = None
     output_stride: int | None = None
     loss: LossSpec = field(default_factory=LossSpec)
-    aug: str = "full"
+    aug: AugLevel = AugLevel.FULL
     depth_shift: int = 2
     ema_decay: float = 0.99
     epochs: int | None = None
@@ -155,7 +155,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_choice("augmentation", self.aug, AUG_LEVELS)
+        object.__setattr__(self, "aug", check_choice("augmentation", self.aug, AugLevel))
         check_device(self.device)
         if self.folds not in (None, "loo"):
             raise ConfigError(f"expected --folds loo or nothing, got '{self.folds}'")
@@ -191,6 +191,7 @@ class TrainConfig:
         """Return a YAML/JSON-able dict of the resolved configuration."""
         d = asdict(self)
         d["store"], d["out"] = str(self.store), str(self.out)
+        d["aug"] = str(self.aug)
         d["layers"] = str(self.layers)
         d["model"] = None if self.model is None else self.model.to_dict()
         d["val"] = str(self.val)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from inkpipe.pipeline.errors import ConfigError
-from inkpipe.train.augment import AUG_LEVELS, Augment, build_augment, reseed
+from inkpipe.train.augment import AugLevel, Augment, build_augment, reseed
 
 RNG = np.random.default_rng(0)
 
@@ -42,7 +42,7 @@ def _pose(out: np.ndarray, src: np.ndarray) -> str:
     return next(name for name, f in POSES.items() if np.array_equal(out, f(src)))
 
 
-@pytest.mark.parametrize("level", AUG_LEVELS)
+@pytest.mark.parametrize("level", list(AugLevel))
 @pytest.mark.parametrize("k", [1, 10, 65])
 @pytest.mark.parametrize("mask_dtype", [np.uint8, np.float32])
 def test_shapes_and_dtypes_are_kept(level: str, k: int, mask_dtype: type) -> None:
@@ -198,9 +198,10 @@ def test_unknown_level(level: str, match: str) -> None:
 
 
 def test_bad_inputs() -> None:
-    with pytest.raises(ConfigError, match="tile_px"):
+    with pytest.raises(ConfigError, match=r"^tile_px must be an integer >= 1, got 0$"):
         build_augment("light", tile_px=0)
     augment = build_augment("light")
+    assert augment.level is AugLevel.LIGHT and repr(augment) == "Augment(level='light', seed=None)"
     with pytest.raises(ValueError, match="same H, W"):
         augment(np.zeros((2, 8, 8), np.float32), np.zeros((8, 9), np.uint8))
     with pytest.raises(ValueError, match=r"\(k, H, W\)"):
