@@ -33,6 +33,7 @@ from .store import (
     StoreSettings,
     begin_fragment,
     create_store,
+    ensure_ome,
     finish_fragment,
     fragment_bytes_bound,
     fragment_meta,
@@ -282,6 +283,9 @@ def _ingest_one(
     old = fragment_meta(root, src.id)
     if _unchanged(root, frag, cfg, rules):
         log(f"fragment {src.id}: unchanged, skipped (use --overwrite to redo)")
+        group = root[src.id]
+        if isinstance(group, zarr.Group) and ensure_ome(group, src.id):
+            log(f"fragment {src.id}: OME-Zarr (NGFF 0.5) metadata added")
         return FragmentResult(src.id, "skipped", 0.0, input_bytes, frag.shape)
     if old is not None:
         reason = "incomplete from an interrupted run" if not old.complete else "changed"
@@ -372,16 +376,36 @@ def copy_band(
     if data.dtype != np.uint16:
         data = data.astype(np.uint16)
     zarr.open_array(volume_path, mode="r+")[z0:z1, y0:y1, :] = data
+    sums, hists = summarize_band(data, mask_band)
+    return z0, sums, hists
+
+
+def summarize_band(
+    data: NDArray[np.uint16], mask_band: NDArray[np.uint8]
+) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """Summarise a band of layers inside the mask, for :func:`layer_statistics`.
+
+    Sums and histograms of bands add up, so a volume of any size is summarised band by band.
+
+    Args:
+        data: (k, h, W) uint16 band of k layers.
+        mask_band: (h, W) uint8 0/1 mask rows of the band.
+
+    Returns:
+        (sums (k, 3) float64 of [count, sum, sum of squares] inside the mask, histograms
+        (k, HIST_BINS) int64 of ``value >> HIST_SHIFT`` inside the mask).
+    """
+    k = data.shape[0]
     inside = mask_band.astype(bool)
-    sums = np.zeros((z1 - z0, 3))
-    hists = np.zeros((z1 - z0, HIST_BINS), dtype=np.int64)
+    sums = np.zeros((k, 3))
+    hists = np.zeros((k, HIST_BINS), dtype=np.int64)
     if inside.any():
-        for i in range(z1 - z0):
+        for i in range(k):
             values = data[i][inside]
             v = values.astype(np.float64)
             sums[i] = (v.size, v.sum(), np.square(v).sum())
             hists[i] = np.bincount(values >> HIST_SHIFT, minlength=HIST_BINS)
-    return z0, sums, hists
+    return sums, hists
 
 
 def layer_statistics(sums: NDArray[np.float64], hists: NDArray[np.int64]) -> NDArray[np.float64]:

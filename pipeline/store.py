@@ -3,13 +3,19 @@
 Layout (Zarr format 3)::
 
     store.zarr/                     root attrs: {"inkpipe": {"schema": 1, "version", "fragments"}}
-      <fragment id>/                group attrs: {"inkpipe": FragmentMeta as a dict}
+      <fragment id>/                group attrs: {"inkpipe": FragmentMeta as a dict,
+                                                  "ome": NGFF 0.5 multiscales of volume}
         volume       uint16 (z, y, x)   CT layers, chunked and Blosc-compressed
         mask         uint8  (y, x)      papyrus area, 0/1
         labels       uint8  (y, x)      ink, 0/1            (training fragments only)
         ir           uint8  (y, x)      infrared photo      (when the fragment has one)
         windows      int32  (n, 4)      valid windows: y0, x0, mask_px, ink_px
         layer_stats  float64 (z, 4)     per layer inside the mask: mean, std, p01, p99
+
+The ``ome`` attributes make each fragment group an OME-Zarr (NGFF 0.5) image of one level,
+``volume`` (axes z, y, x; scale 1), so standard viewers (napari-ome-zarr, neuroglancer) open
+it; stores written before them are read all the same, and a rerun of ``inkpipe ingest`` adds
+them (:func:`ensure_ome`).
 
 Mask and labels are 0/1 whatever their source images held; the fragment's ``binarization``
 attribute records the rule that read each (:func:`inkpipe.pipeline.images.read_binary_image`).
@@ -36,6 +42,7 @@ from zarr.codecs import BloscCname, BloscCodec, BloscShuffle
 from . import __version__
 from .checks import check_int
 from .errors import ConfigError, InputNotFoundError, StoreError, check_choice
+from .ome import OME_KEY, multiscales_attrs
 from .windows import WINDOW_COLUMNS
 
 SCHEMA_VERSION = 1
@@ -346,6 +353,7 @@ def begin_fragment(root: zarr.Group, meta: FragmentMeta, settings: StoreSettings
     drop_fragment(root, meta.id)
     group = root.create_group(meta.id)
     group.attrs[ATTR_KEY] = meta.to_attrs()
+    group.attrs.update(fragment_ome_attrs(meta.id))
     z, h, w = meta.shape
     group.create_array(
         "volume",
@@ -361,6 +369,19 @@ def begin_fragment(root: zarr.Group, meta: FragmentMeta, settings: StoreSettings
         dimension_names=("z", "y", "x"),
     )
     return group
+
+
+def fragment_ome_attrs(fragment_id: str) -> dict[str, Any]:
+    """Return a fragment group's ``ome`` attributes: one level, ``volume``, axes (z, y, x)."""
+    return multiscales_attrs(fragment_id, ("z", "y", "x"), ["volume"], [[1.0, 1.0, 1.0]])
+
+
+def ensure_ome(group: zarr.Group, fragment_id: str) -> bool:
+    """Add the ``ome`` attributes to a fragment group written without them; True if added."""
+    if OME_KEY in group.attrs:
+        return False
+    group.attrs.update(fragment_ome_attrs(fragment_id))
+    return True
 
 
 def write_plane(group: zarr.Group, name: str, image: NDArray[np.uint8], chunk_px: int) -> None:
