@@ -16,7 +16,7 @@ from inkpipe.pipeline.errors import ConfigError
 from inkpipe.pipeline.layers import LayerRange, parse_layers
 from inkpipe.train.augment import AugLevel
 from inkpipe.train.config import TrainConfig, Validation, parse_validation
-from inkpipe.train.losses import LOSS_NAMES, LossSpec
+from inkpipe.train.losses import LossName, LossSpec
 from inkpipe.train.models import MODEL_NAMES, OUTPUT_STRIDES, ModelSpec
 
 from .configfile import given_on_command_line, read_config_file
@@ -199,7 +199,7 @@ def train_config(
     help="Validate and save an exponential moving average of the weights (0: off).",
 )
 @click.option(
-    "--loss", default=default_of(LossSpec, "name"), show_default=True, type=click.Choice(LOSS_NAMES)
+    "--loss", default=default_of(LossSpec, "name"), show_default=True, type=choice_of(LossName)
 )
 @click.option(
     "--focal-alpha",

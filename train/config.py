@@ -192,6 +192,7 @@ class TrainConfig:
         d = asdict(self)
         d["store"], d["out"] = str(self.store), str(self.out)
         d["aug"] = str(self.aug)
+        d["loss"]["name"] = str(self.loss.name)
         d["layers"] = str(self.layers)
         d["model"] = None if self.model is None else self.model.to_dict()
         d["val"] = str(self.val)

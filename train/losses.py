@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +35,24 @@ from inkpipe.pipeline.errors import check_choice
 
 __all__ = [
     "DICE_SMOOTH",
-    "LOSS_NAMES",
     "LossFn",
+    "LossName",
     "LossSpec",
     "build_loss",
     "coarse_targets",
     "per_sample_loss",
 ]
 
-LOSS_NAMES = ("bce", "focal", "dice", "bce+dice", "focal+dice")
+
+class LossName(StrEnum):
+    """Which loss to train with (``--loss``; see the module docstring)."""
+
+    BCE = "bce"
+    FOCAL = "focal"
+    DICE = "dice"
+    BCE_DICE = "bce+dice"
+    FOCAL_DICE = "focal+dice"
+
 
 DICE_SMOOTH = 1.0
 
@@ -55,7 +65,7 @@ class LossSpec:
     """Which loss to train with, and its parameters.
 
     Attributes:
-        name: one of :data:`LOSS_NAMES`.
+        name: a :class:`LossName` (text is turned into one).
         focal_alpha: weight of ink pixels in the focal loss, in [0, 1] (background gets
             ``1 - focal_alpha``).
         focal_gamma: focusing exponent of the focal loss, >= 0 (0 gives alpha-weighted BCE).
@@ -65,14 +75,14 @@ class LossSpec:
             ``(1 - w) * bce_or_focal + w * dice``.
     """
 
-    name: str = "bce+dice"
+    name: LossName = LossName.BCE_DICE
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     label_smoothing: float = 0.0
     dice_weight: float = 0.5
 
     def __post_init__(self) -> None:
-        check_choice("loss", self.name, LOSS_NAMES)
+        object.__setattr__(self, "name", check_choice("loss", self.name, LossName))
         check_number("focal_alpha", self.focal_alpha, 0.0, 1.0)
         check_number("focal_gamma", self.focal_gamma, 0.0)
         check_number("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
@@ -151,7 +161,7 @@ def _loss(
         dims = tuple(range(1, x.ndim)) if per_sample else tuple(range(x.ndim))
         name = spec.name
         w = spec.dice_weight
-        if name == "dice":
+        if name is LossName.DICE:
             return _dice(x, t, v, dims)
         pixelwise = _bce if name.startswith("bce") else _focal
         pixel_loss = _masked_mean(pixelwise(spec, x, t), v, dims)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from inkpipe.pipeline.errors import ConfigError
-from inkpipe.train.losses import LOSS_NAMES, LossSpec, build_loss, per_sample_loss
+from inkpipe.train.losses import LossName, LossSpec, build_loss, per_sample_loss
 
 
 def _t(values: list[list[float]]) -> torch.Tensor:
@@ -78,7 +78,7 @@ def test_combination_weights(w: float) -> None:
     assert combo.item() == pytest.approx((1 - w) * focal + w * _dice(P, T), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", list(LossName))
 def test_valid_mask_excludes_pixels(name: str) -> None:
     spec = LossSpec(name=name)
     valid = _t([[1.0, 0.0], [1.0, 1.0]])
@@ -135,7 +135,7 @@ def test_focal_is_at_most_bce_and_much_smaller_on_easy_pixels() -> None:
         ).all()
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", list(LossName))
 def test_per_sample_loss(name: str) -> None:
     torch.manual_seed(0)
     spec = LossSpec(name=name)
@@ -160,7 +160,7 @@ def test_per_sample_loss_of_empty_sample_is_zero() -> None:
     assert per[0].item() == 0.0 and per[1].item() > 0
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", list(LossName))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_finite_for_extreme_logits(name: str, dtype: torch.dtype) -> None:
     logits = _t([[100.0, -100.0], [100.0, -100.0]]).to(dtype).requires_grad_()
