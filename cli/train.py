@@ -17,7 +17,7 @@ from inkpipe.pipeline.layers import LayerRange, parse_layers
 from inkpipe.train.augment import AugLevel
 from inkpipe.train.config import TrainConfig, Validation, parse_validation
 from inkpipe.train.losses import LossName, LossSpec
-from inkpipe.train.models import MODEL_NAMES, OUTPUT_STRIDES, ModelSpec
+from inkpipe.train.models import OUTPUT_STRIDES, ModelName, ModelSpec
 
 from .configfile import given_on_command_line, read_config_file
 from .options import choice_of, default_of, device_option
@@ -148,7 +148,7 @@ def train_config(
     "--model",
     default=AUTO,
     show_default=True,
-    type=click.Choice((AUTO, *MODEL_NAMES)),
+    type=choice_of(ModelName, AUTO),
     help="auto: the device's recipe (CPU: stem3d with the small 2-D U-Net, 64 px tiles, "
     "output stride 4, batch 32; CUDA: stem3d with an efficientnet-b0 smp Unet, 256 px tiles, "
     "batch 16); stem3d: 3-D stem max-pooled over depth + 2-D net (Kaggle 1st place); "

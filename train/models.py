@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -32,28 +33,46 @@ from inkpipe.pipeline.checks import check_int, check_number, is_int
 from inkpipe.pipeline.errors import ConfigError, OfflineError, check_choice, closest
 
 from .nets import AttentionGate, AttentionUNet, DoubleConv
-from .nets3d import OUTPUT_STRIDES, VIDEO_RESNETS, DepthStem, SmallUNet, StemNet, VideoResNetUNet
+from .nets3d import OUTPUT_STRIDES, DepthStem, SmallUNet, StemNet, VideoResNetUNet
 from .weights import build_smp_unet, check_encoder_name
 
 __all__ = [
-    "MODEL_NAMES",
     "AttentionGate",
     "AttentionUNet",
     "DoubleConv",
+    "ModelName",
     "ModelSpec",
     "OUTPUT_STRIDES",
+    "VideoResNet",
     "build_model",
     "check_encoder_name",
     "count_parameters",
 ]
 
-MODEL_NAMES = ("attention-unet", "unet", "stem3d", "resnet3d")
+
+class ModelName(StrEnum):
+    """Which network to build (``--model``; see the module docstring)."""
+
+    ATTENTION_UNET = "attention-unet"
+    UNET = "unet"
+    STEM3D = "stem3d"
+    RESNET3D = "resnet3d"
+
+
+class VideoResNet(StrEnum):
+    """The torchvision video ResNets ``resnet3d`` takes as its encoder."""
+
+    R3D_18 = "r3d_18"
+    MC3_18 = "mc3_18"
+    R2PLUS1D_18 = "r2plus1d_18"
+
+
 # The encoder each model uses when none is named.
 DEFAULT_ENCODERS = {
-    "attention-unet": "efficientnet-b0",  # unused
-    "unet": "efficientnet-b0",
-    "stem3d": "small",
-    "resnet3d": "r3d_18",
+    ModelName.ATTENTION_UNET: "efficientnet-b0",  # unused
+    ModelName.UNET: "efficientnet-b0",
+    ModelName.STEM3D: "small",
+    ModelName.RESNET3D: str(VideoResNet.R3D_18),
 }
 SMALL_2D = "small"
 STEM_CHANNELS = (8, 16, 32)
@@ -64,12 +83,13 @@ class ModelSpec:
     """Which network to build, with its hyper-parameters.
 
     Attributes:
-        name: one of :data:`MODEL_NAMES` (see the module docstring).
+        name: a :class:`ModelName` (text is turned into one; see the module docstring).
         in_channels: number of CT layers ``k`` in each input crop (>= 1).
         encoder: ``unet``: an smp encoder name (``smp.encoders.get_encoder_names()`` or
             ``"tu-<timm model>"``); ``stem3d``: ``"small"`` (built-in 2-D U-Net) or an smp
-            encoder; ``resnet3d``: one of ``r3d_18``, ``mc3_18``, ``r2plus1d_18``. None: the
-            model's default (:data:`DEFAULT_ENCODERS`).
+            encoder; ``resnet3d``: a :class:`VideoResNet` (``r3d_18``, ``mc3_18``,
+            ``r2plus1d_18``). Always plain text. None: the model's default
+            (:data:`DEFAULT_ENCODERS`).
         encoder_weights: ``"none"`` (random init), ``"imagenet"`` (downloaded by smp) or the
             path of a local encoder state dict, for smp encoders; ``"kinetics"``
             (downloaded by torchvision) for ``resnet3d``.
@@ -82,7 +102,7 @@ class ModelSpec:
             (``attention-unet`` only).
     """
 
-    name: str = "attention-unet"
+    name: ModelName = ModelName.ATTENTION_UNET
     in_channels: int = 10
     encoder: str | None = None
     encoder_weights: str = "none"
@@ -92,7 +112,7 @@ class ModelSpec:
     dropout_decoder: float = 0.15
 
     def __post_init__(self) -> None:
-        check_choice("model", self.name, MODEL_NAMES)
+        object.__setattr__(self, "name", check_choice("model", self.name, ModelName))
         object.__setattr__(self, "in_channels", check_int("in_channels", self.in_channels, 1))
         widths = tuple(self.widths) if isinstance(self.widths, (list, tuple)) else None
         if widths is None or len(widths) != 3 or not all(is_int(w) and w >= 1 for w in widths):
@@ -113,17 +133,20 @@ class ModelSpec:
             raise ConfigError(
                 f"encoder must be a name like 'efficientnet-b0', got {self.encoder!r}"
             )
+        object.__setattr__(self, "encoder", str(self.encoder))  # plain text, also for a member
         if self.output_stride not in OUTPUT_STRIDES:
             raise ConfigError(
                 f"output stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got "
                 f"{self.output_stride!r}"
             )
         weights = self.encoder_weights.lower()
-        smp_encoder = self.name == "unet" or (self.name == "stem3d" and self.encoder != SMALL_2D)
+        smp_encoder = self.name == ModelName.UNET or (
+            self.name == ModelName.STEM3D and self.encoder != SMALL_2D
+        )
         if smp_encoder:
             check_encoder_name(self.encoder)
-        elif self.name == "resnet3d":
-            check_choice("video ResNet encoder", self.encoder, VIDEO_RESNETS)
+        elif self.name == ModelName.RESNET3D:
+            check_choice("video ResNet encoder", self.encoder, VideoResNet)
             if weights not in ("none", "kinetics"):
                 raise ConfigError(
                     f"encoder weights '{self.encoder_weights}' do not fit resnet3d: pass "
@@ -139,6 +162,7 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         """Return the spec as a plain JSON/YAML-safe dict (``widths`` becomes a list)."""
         d = asdict(self)
+        d["name"] = str(self.name)
         d["widths"] = list(self.widths)
         return d
 
@@ -191,7 +215,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     """
     assert spec.encoder is not None  # set by ModelSpec.__post_init__
     s = spec.output_stride
-    if spec.name == "attention-unet":
+    if spec.name == ModelName.ATTENTION_UNET:
         net: nn.Module = AttentionUNet(
             in_channels=spec.in_channels,
             widths=spec.widths,
@@ -199,10 +223,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
             dropout_decoder=spec.dropout_decoder,
         )
         return net if s == 1 else CoarseLogits(net, s)
-    if spec.name == "unet":
+    if spec.name == ModelName.UNET:
         net = build_smp_unet(spec.encoder, spec.in_channels, spec.encoder_weights)
         return net if s == 1 else CoarseLogits(net, s)
-    if spec.name == "stem3d":
+    if spec.name == ModelName.STEM3D:
         stem = DepthStem(STEM_CHANNELS, stride=min(s, 2 ** len(STEM_CHANNELS)))
         net2d = (
             SmallUNet(stem.out_channels)
@@ -221,11 +245,11 @@ def tile_multiple(spec: ModelSpec) -> int:
     attention U-Net, 4 for the small U-Net behind the stem, 16 for the video ResNets).
     """
     s = spec.output_stride
-    if spec.name == "unet":
+    if spec.name == ModelName.UNET:
         return max(32, s)
-    if spec.name == "attention-unet":
+    if spec.name == ModelName.ATTENTION_UNET:
         return max(8, s)
-    if spec.name == "stem3d":
+    if spec.name == ModelName.STEM3D:
         stem_stride = min(s, 2 ** len(STEM_CHANNELS))
         return stem_stride * (32 if spec.encoder != SMALL_2D else 4) * (s // stem_stride)
     return max(16, s)

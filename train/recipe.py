@@ -24,14 +24,14 @@ import torch
 from inkpipe.pipeline.errors import ConfigError
 
 from .config import TrainConfig
-from .models import ModelSpec, tile_multiple
+from .models import ModelName, ModelSpec, tile_multiple
 
 
 @dataclass(frozen=True)
 class Recipe:
     """What the recipe of one device type chooses for unset options."""
 
-    model: str
+    model: ModelName
     encoder: str
     output_stride: int
     tile_px: int
@@ -42,8 +42,8 @@ EPOCHS = 20  # without a time budget
 EPOCHS_WITHIN_BUDGET = 100_000  # with --max-minutes: train until the budget is spent
 
 RECIPES = {
-    "cpu": Recipe("stem3d", "small", 4, 64, 32),
-    "cuda": Recipe("stem3d", "efficientnet-b0", 4, 256, 16),
+    "cpu": Recipe(ModelName.STEM3D, "small", 4, 64, 32),
+    "cuda": Recipe(ModelName.STEM3D, "efficientnet-b0", 4, 256, 16),
 }
 
 

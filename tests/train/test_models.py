@@ -15,14 +15,16 @@ from torch import nn
 from inkpipe.pipeline.errors import ConfigError, InputNotFoundError, OfflineError
 from inkpipe.train import weights
 from inkpipe.train.models import (
-    MODEL_NAMES,
     AttentionGate,
     AttentionUNet,
     DoubleConv,
+    ModelName,
     ModelSpec,
+    VideoResNet,
     build_model,
     count_parameters,
 )
+from inkpipe.train.nets3d import VIDEO_RESNETS
 
 OFFLINE_MESSAGE = (
     "could not download imagenet weights for efficientnet-b0 (offline?): pass --encoder-weights "
@@ -57,7 +59,7 @@ def _unet_spec(**kwargs: object) -> ModelSpec:
 # ---------------------------------------------------------------------------- shapes
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", list(ModelName))
 @pytest.mark.parametrize("k", [1, 10, 30])
 def test_models_map_k_layers_to_one_logit_map(name: str, k: int) -> None:
     torch.manual_seed(0)
@@ -154,7 +156,7 @@ def test_smp_unet_builds_without_weights() -> None:
     assert count_parameters(model) > 5_000_000
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", list(ModelName))
 def test_backward_pass(name: str) -> None:
     torch.manual_seed(0)
     model = build_model(ModelSpec(name=name, in_channels=4, widths=(8, 16, 32))).train()
@@ -191,6 +193,16 @@ def test_spec_round_trips_through_a_dict_and_json() -> None:
     assert ModelSpec.from_dict(default.to_dict()) == default
     assert ModelSpec.from_dict({}) == default
     assert default.to_dict()["widths"] == [40, 80, 160]
+
+
+def test_spec_holds_members_and_saves_plain_text() -> None:
+    spec = ModelSpec(name="resnet3d", in_channels=4, encoder=VideoResNet.MC3_18)
+    assert spec.name is ModelName.RESNET3D and type(spec.encoder) is str
+    d = spec.to_dict()
+    assert (type(d["name"]), d["name"], d["encoder"]) == (str, "resnet3d", "mc3_18")
+    assert ModelSpec.from_dict(d) == spec and ModelSpec.from_dict(d).name is ModelName.RESNET3D
+    # the networks accept exactly the video ResNets the spec does
+    assert tuple(VideoResNet) == VIDEO_RESNETS
 
 
 def test_spec_from_dict_rejects_unknown_keys() -> None:
