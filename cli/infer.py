@@ -9,11 +9,11 @@ import click
 
 from inkpipe.infer.evaluate import EvaluateConfig, evaluate
 from inkpipe.infer.predict import RECORD, PredictConfig, format_predictions, predict
-from inkpipe.infer.tta import TTA_MODES
+from inkpipe.infer.tta import TtaMode
 from inkpipe.pipeline.errors import ConfigError
 
 from .configfile import given_on_command_line, read_config_file
-from .options import default_of, device_option
+from .options import choice_of, default_of, device_option
 
 
 def predict_config(
@@ -91,7 +91,7 @@ def predict_config(
     "--tta",
     default=default_of(PredictConfig, "tta"),
     show_default=True,
-    type=click.Choice(TTA_MODES),
+    type=choice_of(TtaMode),
     help="Test-time augmentation: none (1 pass), flips (4 passes), flips+rot90 (8 passes).",
 )
 @click.option(

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -68,7 +68,7 @@ from inkpipe.train.checkpoint import (
 
 from .postprocess import postprocess
 from .rle import encode_rle, write_submission
-from .tta import TTA_MODES, TtaMode, ensemble, with_tta
+from .tta import TtaMode, ensemble, with_tta
 
 __all__ = [
     "DEVICES",
@@ -131,7 +131,7 @@ class PredictConfig:
     out: Path
     store: Path | None = None
     overlap: float = 0.5
-    tta: str = "flips"
+    tta: TtaMode = TtaMode.FLIPS
     threshold: float | None = None
     open_px: int = 1
     min_area: int = 0
@@ -160,7 +160,7 @@ class PredictConfig:
         dupes = repeated(self.fragments)
         if dupes:
             raise ConfigError(f"fragments given twice: {dupes}; pass each fragment once")
-        check_choice("TTA mode", self.tta, TTA_MODES)
+        object.__setattr__(self, "tta", check_choice("TTA mode", self.tta, TtaMode))
         check_device(self.device)
         check_number(
             "overlap", self.overlap, 0, MAX_OVERLAP, hint="0.5 (half a tile) is the usual choice"
@@ -239,14 +239,14 @@ def load_models(paths: Sequence[Path], *, trust: bool = False) -> _Models:
     return _Models(ckpts, first.layers, first.tile_px)
 
 
-def build_predictor(models: _Models, device: str, tta: str) -> BatchPredictor:
+def build_predictor(models: _Models, device: str, tta: TtaMode | str) -> BatchPredictor:
     """Return ``(B, k, t, t) float32 -> (B, t, t) float32`` ink probabilities.
 
     Each checkpoint's model gives probabilities (after the sigmoid) on NumPy batches; TTA
     wraps each of them (so flips are undone on probabilities), and the ensemble averages them.
     """
     dev = select_device(device)
-    mode = cast(TtaMode, check_choice("TTA mode", tta, TTA_MODES))
+    mode = check_choice("TTA mode", tta, TtaMode)
     members = [
         with_tta(make_predictor(model_from_checkpoint(ck), dev), mode) for ck in models.checkpoints
     ]

@@ -13,7 +13,8 @@ never knows about TTA. ``ensemble`` averages several predictors the same way.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeVar
+from enum import StrEnum
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,8 +25,14 @@ Array = TypeVar("Array", torch.Tensor, np.ndarray)
 Predictor = Callable[[Array], Array]
 """(B, C, H, W) -> (B, H, W), torch tensors or NumPy arrays."""
 
-TtaMode = Literal["none", "flips", "flips+rot90"]
-TTA_MODES: tuple[str, ...] = ("none", "flips", "flips+rot90")
+
+class TtaMode(StrEnum):
+    """Which symmetries test-time augmentation averages over (``--tta``; see :func:`with_tta`)."""
+
+    NONE = "none"
+    FLIPS = "flips"
+    FLIPS_ROT90 = "flips+rot90"
+
 
 # A dihedral transform of the last two axes: rotate by k*90 degrees after an optional
 # horizontal flip. Its inverse is rotate by -k*90 degrees, then the same flip.
@@ -42,10 +49,10 @@ _ROT90S: tuple[_Transform, ...] = (
     (1, True),  # rot90 of hflip = transpose-like
     (3, True),  # rot270 of hflip
 )
-_TRANSFORMS: dict[str, tuple[_Transform, ...]] = {
-    "none": ((0, False),),
-    "flips": _FLIPS,
-    "flips+rot90": _FLIPS + _ROT90S,
+_TRANSFORMS: dict[TtaMode, tuple[_Transform, ...]] = {
+    TtaMode.NONE: ((0, False),),
+    TtaMode.FLIPS: _FLIPS,
+    TtaMode.FLIPS_ROT90: _FLIPS + _ROT90S,
 }
 
 
@@ -76,15 +83,16 @@ def _inverse(y: Array, transform: _Transform) -> Array:
     return _hflip(z) if flip else z
 
 
-def with_tta(predictor: Predictor, mode: TtaMode = "flips") -> Predictor:
+def with_tta(predictor: Predictor, mode: TtaMode | str = TtaMode.FLIPS) -> Predictor:
     """Wrap a predictor with test-time augmentation.
 
     Args:
         predictor: ``(B, C, H, W) -> (B, H, W)`` callable on tensors or arrays.
-        mode: ``"none"`` returns ``predictor`` itself; ``"flips"`` averages identity, horizontal,
-            vertical and both flips (4 calls); ``"flips+rot90"`` adds the four 90-degree
-            rotations and transposes, i.e. all 8 symmetries of the square (8 calls). Rotations
-            swap H and W, which is harmless for square tiles.
+        mode: a :class:`TtaMode` or its value. ``"none"`` returns ``predictor`` itself;
+            ``"flips"`` averages identity, horizontal, vertical and both flips (4 calls);
+            ``"flips+rot90"`` adds the four 90-degree rotations and transposes, i.e. all 8
+            symmetries of the square (8 calls). Rotations swap H and W, which is harmless for
+            square tiles.
 
     Returns:
         A predictor with the same signature returning the average of the un-transformed
@@ -93,10 +101,10 @@ def with_tta(predictor: Predictor, mode: TtaMode = "flips") -> Predictor:
     Raises:
         ConfigError: unknown ``mode`` (the message suggests the closest one).
     """
-    check_choice("TTA mode", mode, TTA_MODES)
-    if mode == "none":
+    chosen = check_choice("TTA mode", mode, TtaMode)
+    if chosen is TtaMode.NONE:
         return predictor
-    transforms = _TRANSFORMS[mode]
+    transforms = _TRANSFORMS[chosen]
 
     def tta_predictor(batch: Array) -> Array:
         total: Array | None = None
@@ -106,7 +114,7 @@ def with_tta(predictor: Predictor, mode: TtaMode = "flips") -> Predictor:
         assert total is not None  # transforms is never empty
         return total / len(transforms)
 
-    tta_predictor.__doc__ = f"{getattr(predictor, '__name__', 'predictor')} with TTA '{mode}'."
+    tta_predictor.__doc__ = f"{getattr(predictor, '__name__', 'predictor')} with TTA '{chosen}'."
     return tta_predictor
 
 

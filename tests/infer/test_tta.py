@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from inkpipe.infer.tta import TTA_MODES, ensemble, with_tta
+from inkpipe.infer.tta import TtaMode, ensemble, with_tta
 from inkpipe.numerics.blending import sliding_window_predict
 from inkpipe.pipeline.errors import ConfigError
 
-MODES = list(TTA_MODES)
+MODES = list(TtaMode)
 
 
 def pointwise(batch: torch.Tensor) -> torch.Tensor:
