@@ -15,8 +15,9 @@ nothing of models, TTA or ensembles (wrap the predictor with :mod:`inkpipe.infer
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -29,8 +30,13 @@ from inkpipe.pipeline.windows import grid_windows, holds_valid_pixel
 Predictor = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 """(B, C, t, t) float32 -> (B, t, t) float32 (a (B, 1, t, t) output is also accepted)."""
 
-PadMode = Literal["constant", "reflect"]
-PAD_MODES: tuple[str, ...] = ("constant", "reflect")
+
+class PadMode(StrEnum):
+    """How an image smaller than a tile is padded (see :func:`sliding_window_predict`)."""
+
+    CONSTANT = "constant"
+    REFLECT = "reflect"
+
 
 _RESULT_ROWS = 1024  # rows per block when dividing sum by weight, to bound temporaries
 
@@ -217,7 +223,7 @@ def sliding_window_predict(
     batch_size: int = 8,
     valid: ArrayLike | None = None,
     weight: ArrayLike | None = None,
-    pad_mode: PadMode = "constant",
+    pad_mode: PadMode | str = PadMode.CONSTANT,
     out_dir: Path | None = None,
 ) -> NDArray[np.float32]:
     """Predict a whole image tile by tile and blend the tiles with an importance map.
@@ -244,7 +250,7 @@ def sliding_window_predict(
         batch_size: windows per predictor call (>= 1).
         valid: optional (H, W) bool array, e.g. the papyrus mask.
         weight: (tile_px, tile_px) importance map; default :func:`gaussian_importance`.
-        pad_mode: ``"constant"`` or ``"reflect"``.
+        pad_mode: a :class:`PadMode` or its value, ``"constant"`` or ``"reflect"``.
         out_dir: folder for memory-mapped blend canvases (see :class:`BlendAccumulator`).
 
     Returns:
@@ -257,7 +263,7 @@ def sliding_window_predict(
         )
     channels, height, width = (int(s) for s in shape)
     batch_size = check_int("batch_size", batch_size, 1, "e.g. 8")
-    check_choice("pad mode", pad_mode, PAD_MODES)
+    mode = check_choice("pad mode", pad_mode, PadMode)
     origins = grid_windows(height, width, tile_px, stride_px)
     t = tile_px
 
@@ -274,7 +280,7 @@ def sliding_window_predict(
     if height < t or width < t:
         small = np.asarray(image)
         pad = ((0, 0), (0, max(0, t - height)), (0, max(0, t - width)))
-        source = np.pad(small, pad, mode=pad_mode)
+        source = np.pad(small, pad, mode=mode.value)
 
     acc = BlendAccumulator((height, width), t, weight=weight, out_dir=out_dir)
     # A source with read_windows (VolumeView) reads whole batches and the next one ahead.
