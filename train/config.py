@@ -7,6 +7,7 @@ checkpoint says how it was made and ``--resume`` can check it continues the same
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -19,31 +20,46 @@ from .losses import LossSpec
 from .models import OUTPUT_STRIDES, ModelSpec
 
 
+class ValidationKind(StrEnum):
+    """What a run validates on (the part of ``--val`` before the colon; see :class:`Validation`)."""
+
+    REGIONS = "regions"
+    PATCHES = "patches"
+    FRAGMENT = "fragment"
+    NONE = "none"
+
+
 @dataclass(frozen=True)
 class Validation:
     """How a run is validated.
 
     Attributes:
-        kind: ``"regions"`` (square blocks covering ``fraction`` of each training fragment's
-            papyrus, excluded from training and predicted whole, as ``inkpipe predict`` does),
-            ``"patches"`` (N held-out windows of the training fragments), ``"fragment"`` (a
-            whole held-out fragment) or ``"none"``.
+        kind: a :class:`ValidationKind` (text is turned into one): ``"regions"`` (square
+            blocks covering ``fraction`` of each training fragment's papyrus, excluded from
+            training and predicted whole, as ``inkpipe predict`` does), ``"patches"`` (N
+            held-out windows of the training fragments), ``"fragment"`` (a whole held-out
+            fragment) or ``"none"``.
         patches: N for ``patches``.
         fragment: the held-out fragment id for ``fragment``.
         fraction: the held-out share of the papyrus for ``regions``, in (0, 0.5].
     """
 
-    kind: str = "regions"
+    kind: ValidationKind = ValidationKind.REGIONS
     patches: int = 64
     fragment: str | None = None
     fraction: float = 0.15
 
+    def __post_init__(self) -> None:
+        kind = check_choice("validation kind", self.kind, ValidationKind)
+        object.__setattr__(self, "kind", kind)
+
     def __str__(self) -> str:
-        if self.kind == "regions":
+        """Return the ``--val`` text, e.g. ``regions:0.15`` (what config.yaml saves)."""
+        if self.kind is ValidationKind.REGIONS:
             return f"regions:{self.fraction:g}"
-        if self.kind == "patches":
+        if self.kind is ValidationKind.PATCHES:
             return f"patches:{self.patches}"
-        if self.kind == "fragment":
+        if self.kind is ValidationKind.FRAGMENT:
             return f"fragment:{self.fragment}"
         return "none"
 
@@ -51,19 +67,19 @@ class Validation:
 def parse_validation(text: str) -> Validation:
     """Parse ``regions[:F]``, ``patches:N``, ``fragment:ID`` or ``none``."""
     kind, _, arg = str(text).partition(":")
-    if kind == "none" and not arg:
-        return Validation("none", 0)
-    if kind == "regions":
+    if kind == ValidationKind.NONE and not arg:
+        return Validation(ValidationKind.NONE, 0)
+    if kind == ValidationKind.REGIONS:
         try:
             fraction = float(arg) if arg else Validation.fraction
         except ValueError:
             fraction = -1.0
         if 0 < fraction <= 0.5:
-            return Validation("regions", fraction=fraction)
-    if kind == "patches" and arg.isdigit() and int(arg) > 0:
-        return Validation("patches", int(arg))
-    if kind == "fragment" and arg:
-        return Validation("fragment", 0, arg)
+            return Validation(ValidationKind.REGIONS, fraction=fraction)
+    if kind == ValidationKind.PATCHES and arg.isdigit() and int(arg) > 0:
+        return Validation(ValidationKind.PATCHES, int(arg))
+    if kind == ValidationKind.FRAGMENT and arg:
+        return Validation(ValidationKind.FRAGMENT, 0, arg)
     raise ConfigError(
         "expected --val regions[:F] (0 < F <= 0.5), patches:N (N > 0), fragment:ID or none, "
         f"got '{text}'"

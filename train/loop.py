@@ -45,7 +45,7 @@ from .checkpoint import (
     save_checkpoint,
     select_device,
 )
-from .config import TrainConfig, Validation
+from .config import TrainConfig, Validation, ValidationKind
 from .data import CropDataset, WindowSampler
 from .distributed import Dist, agree, barrier, distributed
 from .history import TensorBoardLog, plot_metrics, write_metrics
@@ -541,7 +541,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[TrainRes
                 out=cfg.out / f"fold_{fid}",
                 folds=None,
                 fragments=tuple(ids),
-                val=Validation("fragment", 0, fid),
+                val=Validation(ValidationKind.FRAGMENT, 0, fid),
             )
             results.extend(train(fold, log))
         return results

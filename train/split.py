@@ -18,7 +18,7 @@ from inkpipe.pipeline.errors import ConfigError, TrainingError
 from inkpipe.pipeline.store import Fragment, open_fragments
 from inkpipe.pipeline.windows import INK_PX, X0, Y0, index_windows
 
-from .config import TrainConfig, Validation
+from .config import TrainConfig, Validation, ValidationKind
 from .data import CropTable, WindowSet
 
 
@@ -87,7 +87,7 @@ def plan_run(cfg: TrainConfig) -> Plan:
             )
         if not by_id[fid].meta.has_labels:
             raise ConfigError(f"fragment '{fid}' has no ink labels and cannot be trained on")
-    val_id = cfg.val.fragment if cfg.val.kind == "fragment" else None
+    val_id = cfg.val.fragment if cfg.val.kind == ValidationKind.FRAGMENT else None
     if val_id is not None:
         if val_id not in by_id or not by_id[val_id].meta.has_labels:
             raise ConfigError(
@@ -110,15 +110,17 @@ def plan_run(cfg: TrainConfig) -> Plan:
     rng = np.random.default_rng([cfg.seed, 7])
     val_windows = np.zeros((0, 3), np.int64)
     regions: tuple[Region, ...] = ()
-    if cfg.val.kind == "regions":
+    if cfg.val.kind == ValidationKind.REGIONS:
         side = max(REGION_TILES * tile, MIN_REGION_PX)
         blocks = pick_regions(frags, sets, cfg.val.fraction, side, tile, cfg.jitter_px, rng)
         if len(blocks):
             sets = exclude_blocks(sets, blocks, tile, cfg.jitter_px)
             regions = region_crops(frags, blocks, tile // 2)
-    if cfg.val.kind == "patches" or (cfg.val.kind == "regions" and not regions):
+    if cfg.val.kind == ValidationKind.PATCHES or (
+        cfg.val.kind == ValidationKind.REGIONS and not regions
+    ):
         # too small for regions: fall back to the default number of held-out windows
-        n = cfg.val.patches if cfg.val.kind == "patches" else Validation.patches
+        n = cfg.val.patches if cfg.val.kind == ValidationKind.PATCHES else Validation.patches
         val_windows = pick_held_out(sets, n, tile, rng, tile + cfg.jitter_px)
         sets = exclude_near(sets, val_windows, tile + cfg.jitter_px)
     if not any((s.windows[:, INK_PX] > 0).any() for s in sets):
