@@ -11,6 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from inkpipe.pipeline.checks import check_int, check_number
 from inkpipe.pipeline.errors import ConfigError, check_choice
 from inkpipe.pipeline.layers import LayerRange, parse_layers
 
@@ -84,6 +85,24 @@ def parse_validation(text: str) -> Validation:
         "expected --val regions[:F] (0 < F <= 0.5), patches:N (N > 0), fragment:ID or none, "
         f"got '{text}'"
     )
+
+
+# integer fields (None: unset, for the optional ones) and their smallest valid value
+_INT_MINIMUMS = {
+    "epochs": 1,
+    "steps_per_epoch": 1,
+    "batch_size": 1,
+    "tile_px": 1,
+    "workers": 0,
+    "depth_shift": 0,
+}
+# fields whose command-line option is not the field name with dashes
+_OPTION_NAMES = {"tile_px": "--tile"}
+
+
+def _option(field_name: str) -> str:
+    """Return the command-line option that sets ``field_name``, e.g. ``--steps-per-epoch``."""
+    return _OPTION_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
 
 
 @dataclass(frozen=True)
@@ -175,22 +194,14 @@ class TrainConfig:
         check_device(self.device)
         if self.folds not in (None, "loo"):
             raise ConfigError(f"expected --folds loo or nothing, got '{self.folds}'")
-        for name in ("epochs", "steps_per_epoch", "batch_size", "tile_px"):
+        # messages name the command-line option: "--epochs must be an integer >= 1, got 0"
+        for name, minimum in _INT_MINIMUMS.items():
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        if not 0 <= self.hard_negatives < 1:
-            raise ConfigError(f"--hard-negatives must be in [0, 1), got {self.hard_negatives}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
-        if self.depth_shift < 0:
-            raise ConfigError(f"--depth-shift must be >= 0, got {self.depth_shift}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+            if value is not None:
+                object.__setattr__(self, name, check_int(_option(name), value, minimum))
+        check_number("--lr", self.lr, 0, low_open=True)
+        for name in ("hard_negatives", "ema_decay"):
+            check_number(_option(name), getattr(self, name), 0, 1, high_open=True)
         if self.output_stride is not None and self.output_stride not in OUTPUT_STRIDES:
             raise ConfigError(
                 f"--output-stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got "
@@ -204,7 +215,7 @@ class TrainConfig:
             object.__setattr__(self, "output_stride", stride)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a YAML/JSON-able dict of the resolved configuration."""
+        """Return a YAML/JSON-able dict of the resolved configuration (choices as plain text)."""
         d = asdict(self)
         d["store"], d["out"] = str(self.store), str(self.out)
         d["aug"] = str(self.aug)
