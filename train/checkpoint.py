@@ -91,14 +91,14 @@ def plain(value: Any, where: str = "checkpoint") -> Any:
     """
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, enum.Enum):  # before _PLAIN: a StrEnum is a str weights_only refuses
+        return plain(value.value, where)
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.array(value))
     if isinstance(value, PurePath):
         return str(value)
-    if isinstance(value, enum.Enum):
-        return plain(value.value, where)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return plain(dataclasses.asdict(value), where)
     if isinstance(value, set | frozenset):
