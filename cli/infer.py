@@ -77,7 +77,29 @@ def predict_config(
     type=click.Path(path_type=Path),
     default=default_of(PredictConfig, "store"),
     help="Predict fragments already ingested in this store; FRAGMENT are then fragment ids. "
-    "Without it, FRAGMENT are fragment folders, ingested into OUT/.ingest.zarr first.",
+    "Without it, FRAGMENT are fragment folders, ingested into OUT/.ingest.zarr first, or Zarr "
+    "volumes, read in place.",
+)
+@click.option(
+    "--mask",
+    "masks",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Papyrus mask image (white = papyrus) of a Zarr volume FRAGMENT, of its (y, x) size; "
+    "one per Zarr volume, in the same order.",
+)
+@click.option(
+    "--save-probabilities",
+    is_flag=True,
+    help="Also write each probability map as OUT/<id>_probability.tif: uint8 (probability x "
+    "255), 256 px tiles, zlib-compressed, BigTIFF when large.",
+)
+@click.option(
+    "--save-ome-zarr",
+    is_flag=True,
+    help="Also write each probability map as OUT/<id>_probability.ome.zarr: an OME-Zarr 0.5 "
+    "image (uint8) with 2x downsampled levels down to below 1024 px, for napari or "
+    "neuroglancer.",
 )
 @click.option(
     "--overlap",
@@ -148,13 +170,18 @@ def predict_config(
 def predict_command(config_file: Path | None, **params: Any) -> None:
     """Predict ink on fragments; write submission.csv and pictures to OUT.
 
-    FRAGMENT is a fragment folder (surface_volume/00.tif …, mask.png, optional ir.png), or a
-    fragment id of --store. Each fragment is predicted tile by tile with Gaussian blending,
-    TTA and the average of the checkpoints, thresholded, cleaned and run-length encoded.
+    FRAGMENT is a fragment folder (surface_volume/00.tif …, mask.png, optional ir.png), a
+    fragment id of --store, or a Zarr surface volume: a path or fsspec URL (s3://, https://,
+    memory://) of a (z, y, x) uint16 or uint8 array, or of a group holding one (an OME-Zarr
+    image: its level 0), given with its --mask image and read in place (only the model's
+    layers; no ingest). Each fragment is predicted tile by tile with Gaussian blending, TTA
+    and the average of the checkpoints, thresholded, cleaned and run-length encoded.
 
     \b
     Examples:
       inkpipe predict --checkpoint runs/a/best.pt data/test/a data/test/b --out pred/
+      inkpipe predict --checkpoint runs/a/best.pt s3://bucket/segment.zarr --mask mask.png \\
+        --save-probabilities --save-ome-zarr --out pred/
       inkpipe predict --checkpoint f1.pt --checkpoint f2.pt --store store.zarr a --out pred/
       inkpipe predict --config pred/predict.json --tta none --out pred2/
     """  # noqa: D301  (a real backspace: click's marker for "do not rewrap")

@@ -6,7 +6,8 @@ Gaussian blending (:func:`~inkpipe.numerics.blending.sliding_window_predict`; wi
 papyrus are skipped), through TTA and an ensemble of checkpoints, then thresholded and cleaned
 (:func:`~inkpipe.infer.postprocess.postprocess`) and run-length encoded. Raw fragment folders
 are first ingested into ``OUT/.ingest.zarr`` with the ordinary ingest (unchanged fragments are
-skipped on a rerun).
+skipped on a rerun). Plain Zarr surface volumes (a path or fsspec URL, each with a ``--mask``
+image) are read in place, without an ingest (:mod:`~inkpipe.infer.sources`).
 
 Memory on a real fragment (8181 x 6330 px): the blend canvases (weighted sum, weights and the
 result, float32, 207 MB each) stay in RAM up to ``canvas_budget_mb`` and go to memory maps in
@@ -17,7 +18,9 @@ side. Axis order is (y, x) for images, (z, y, x) for volumes.
 Outputs in ``OUT``: ``submission.csv`` (``Id,Predicted``, one row per fragment, in the order
 given), per fragment ``<id>_probability.png`` (probability x 255), ``<id>_mask.png``
 (0/255), ``<id>_overlay.png`` (RGB picture), and ``predict.json`` (the resolved settings and
-per-fragment results, so the outputs say how they were made).
+per-fragment results, so the outputs say how they were made); on request the probability map
+also as ``<id>_probability.tif`` (tiled, compressed) and ``<id>_probability.ome.zarr``
+(OME-Zarr with a pyramid; :mod:`~inkpipe.infer.outputs`).
 """
 
 from __future__ import annotations
@@ -66,8 +69,15 @@ from inkpipe.train.checkpoint import (
     select_device,
 )
 
+from .outputs import (
+    ome_zarr_bytes_bound,
+    tiff_bytes_bound,
+    write_probability_ome_zarr,
+    write_probability_tiff,
+)
 from .postprocess import postprocess
 from .rle import encode_rle, write_submission
+from .sources import ZarrFragment, is_zarr_source, open_zarr_fragments, summarize_sources
 from .tta import TtaMode, ensemble, with_tta
 
 __all__ = [
@@ -105,8 +115,11 @@ class PredictConfig:
     Attributes:
         checkpoints: one or more ``inkpipe train`` checkpoints; all must read the same layer
             range with the same tile size. Their probabilities are averaged (an ensemble).
-        fragments: raw fragment folders (with ``surface_volume/``), or fragment ids when
-            ``store`` is given. Submission rows follow this order.
+        fragments: raw fragment folders (with ``surface_volume/``) and Zarr volumes (a path
+            or fsspec URL of a (z, y, x) array or of a group holding one; see
+            :mod:`~inkpipe.infer.sources`), or fragment ids when ``store`` is given.
+            Submission rows follow this order.
+        masks: one papyrus mask image per Zarr volume in ``fragments``, in the same order.
         out: output folder (created).
         store: predict fragments already ingested in this store (then ``fragments`` are ids).
         overlap: fraction of a tile shared by neighbouring windows, in [0, 0.95];
@@ -124,6 +137,10 @@ class PredictConfig:
         progress: show a progress bar over windows.
         trust_checkpoint: load checkpoints with the full pickle (it can run code they carry)
             instead of tensors and plain values only; for trusted files only.
+        save_probabilities: also write each probability map as ``<id>_probability.tif``
+            (uint8, tiled, zlib-compressed (Big)TIFF).
+        save_ome_zarr: also write it as ``<id>_probability.ome.zarr`` (OME-Zarr 0.5 image
+            with a 2x pyramid).
     """
 
     checkpoints: tuple[Path, ...]
@@ -141,14 +158,23 @@ class PredictConfig:
     canvas_budget_mb: float = 1024
     progress: bool = True
     trust_checkpoint: bool = False
+    masks: tuple[Path, ...] = ()
+    save_probabilities: bool = False
+    save_ome_zarr: bool = False
 
     def __post_init__(self) -> None:
         """Normalize paths and check every value (raises :class:`ConfigError`)."""
         object.__setattr__(self, "checkpoints", tuple(Path(p) for p in self.checkpoints))
         object.__setattr__(self, "fragments", tuple(str(f) for f in self.fragments))
         object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "masks", tuple(Path(p) for p in self.masks))
         if self.store is not None:
             object.__setattr__(self, "store", Path(self.store))
+            if self.masks:
+                raise ConfigError(
+                    "--mask is for Zarr volumes; fragments of --store have their masks "
+                    "already: drop --mask, or drop --store and pass the Zarr volumes"
+                )
         if not self.checkpoints:
             raise ConfigError(
                 "no checkpoint given; pass --checkpoint RUN/best.pt (repeat it to ensemble "
@@ -188,6 +214,8 @@ class FragmentPrediction:
         ink_fraction: share of the papyrus (mask) pixels predicted as ink, in [0, 1].
         probability_png, mask_png, overlay_png: the pictures written.
         seconds: wall time for this fragment (prediction, post-processing, pictures).
+        probability_tif, probability_ome_zarr: the probability map as TIFF and OME-Zarr,
+            when asked for.
     """
 
     id: str
@@ -197,6 +225,8 @@ class FragmentPrediction:
     mask_png: Path
     overlay_png: Path
     seconds: float
+    probability_tif: Path | None = None
+    probability_ome_zarr: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -260,10 +290,10 @@ def _resolve_store_fragments(cfg: PredictConfig) -> list[Fragment]:
     return [open_fragment(root, fragment_id) for fragment_id in cfg.fragments]
 
 
-def _check_folders(cfg: PredictConfig, layers: LayerRange) -> list[Path]:
+def _check_folders(fragments: Sequence[str], layers: LayerRange) -> list[Path]:
     """Check the raw fragment folders cheaply (before ingesting) and return them resolved."""
     folders = []
-    for given in cfg.fragments:
+    for given in fragments:
         folder = Path(given)
         if not folder.is_dir():
             raise InputNotFoundError(
@@ -293,23 +323,42 @@ def _check_folders(cfg: PredictConfig, layers: LayerRange) -> list[Path]:
 
 def resolve_fragments(
     cfg: PredictConfig, layers: LayerRange, log: Callable[[str], None] = print
-) -> list[Fragment]:
+) -> list[Fragment | ZarrFragment]:
     """Return the fragments to predict, in the order given, ingesting raw folders first.
+
+    Zarr volumes and folders are all checked before the first is ingested or read; then the
+    volumes' layer statistics are computed inside their masks.
 
     Raises:
         StoreError: an id is not in the store (the message lists the ids there are).
-        InputNotFoundError / InvalidInputError: a folder is missing or is not a fragment.
-        ConfigError: the model's layers do not fit a fragment.
+        InputNotFoundError / InvalidInputError: a folder or volume is missing or is not a
+            fragment (see :func:`~inkpipe.infer.sources.open_zarr_fragment`).
+        ConfigError: the model's layers do not fit a fragment; not one mask per volume.
     """
+    fragments: list[Fragment | ZarrFragment]
     if cfg.store is not None:
-        fragments = _resolve_store_fragments(cfg)
+        fragments = list(_resolve_store_fragments(cfg))
     else:
-        folders = _check_folders(cfg, layers)
-        store = cfg.out / INGEST_STORE
-        for folder in folders:
-            ingest(IngestConfig(root=folder, out=store, progress=cfg.progress), log=log)
-        root = open_store(store)
-        fragments = [open_fragment(root, folder.name) for folder in folders]
+        volumes = [f for f in cfg.fragments if is_zarr_source(f)]
+        sources = {s.given: s for s in open_zarr_fragments(volumes, cfg.masks, layers)}
+        given_folders = [f for f in cfg.fragments if f not in sources]
+        folders = dict(zip(given_folders, _check_folders(given_folders, layers)))
+        dupes = repeated([s.id for s in sources.values()] + [f.name for f in folders.values()])
+        if dupes:
+            raise InvalidInputError(
+                f"several inputs have the fragment id {dupes}; ids come from the folder and "
+                "Zarr volume names (without .zarr) and must be unique in one prediction"
+            )
+        if folders:
+            store = cfg.out / INGEST_STORE
+            for folder in folders.values():
+                ingest(IngestConfig(root=folder, out=store, progress=cfg.progress), log=log)
+            root = open_store(store)
+        summarize_sources(list(sources.values()), log)
+        fragments = [
+            sources[f] if f in sources else open_fragment(root, folders[f].name)
+            for f in cfg.fragments
+        ]
     for frag in fragments:
         layers.check(frag.meta.layers, where=f"fragment {frag.id}")
     return fragments
@@ -366,7 +415,7 @@ def stretch_to_uint8(image: NDArray[Any], low: float, high: float) -> Array2D:
     return out
 
 
-def overlay_background(frag: Fragment, layers: LayerRange) -> tuple[Array2D, str]:
+def overlay_background(frag: Fragment | ZarrFragment, layers: LayerRange) -> tuple[Array2D, str]:
     """Return the gray picture under the overlay, (H, W) uint8, and what it is.
 
     The IR photo when the fragment has one; else the middle layer of the model's range,
@@ -444,9 +493,10 @@ def _png_bytes_bound(height: int, width: int, channels: int = 1) -> int:
 def output_bytes_bound(cfg: PredictConfig, shapes: Sequence[tuple[int, int]]) -> int:
     """Return an upper bound of the disk space ``predict`` needs for fragments of ``shapes``.
 
-    Per fragment: the probability and mask PNGs and the overlay; and the memory-mapped blend
-    canvases (sum and weights, float32) of the largest fragment whose canvases exceed the
-    budget; they are deleted after each fragment. The submission's size is known only at the
+    Per fragment: the probability and mask PNGs and the overlay (and the TIFF and OME-Zarr
+    probability maps when asked for); and the memory-mapped blend canvases (sum and weights,
+    float32) of the largest fragment whose canvases exceed the budget; they are deleted after
+    each fragment. The submission's size is known only at the
     end, and is checked then.
     """
     pictures, canvases = 0, 0
@@ -454,13 +504,17 @@ def output_bytes_bound(cfg: PredictConfig, shapes: Sequence[tuple[int, int]]) ->
         scale = min(1.0, OVERLAY_MAX_PX / max(height, width))
         small = (max(1, round(height * scale)), max(1, round(width * scale)))
         pictures += 2 * _png_bytes_bound(height, width) + _png_bytes_bound(*small, channels=3)
+        if cfg.save_probabilities:
+            pictures += tiff_bytes_bound(height, width)
+        if cfg.save_ome_zarr:
+            pictures += ome_zarr_bytes_bound(height, width)
         if _spills(cfg, (height, width)):
             canvases = max(canvases, 2 * (4 * height * width + 8192))
     return pictures + canvases
 
 
 def _predict_fragment(
-    frag: Fragment,
+    frag: Fragment | ZarrFragment,
     predictor: BatchPredictor,
     models: _Models,
     cfg: PredictConfig,
@@ -504,8 +558,17 @@ def _predict_fragment(
     del view  # frees the chunk cache
     np.multiply(prob, mask, out=prob)  # no probability outside the papyrus
     ink = postprocess(prob, threshold, cfg.open_px, cfg.min_area, papyrus_mask=mask)
-    prob_png = write_png(cfg.out / f"{frag.id}_probability.png", probability_to_uint8(prob))
+    prob_u8 = probability_to_uint8(prob)
     del prob
+    prob_png = write_png(cfg.out / f"{frag.id}_probability.png", prob_u8)
+    prob_tif = prob_zarr = None
+    if cfg.save_probabilities:
+        prob_tif = write_probability_tiff(cfg.out / f"{frag.id}_probability.tif", prob_u8, frag.id)
+    if cfg.save_ome_zarr:
+        prob_zarr = write_probability_ome_zarr(
+            cfg.out / f"{frag.id}_probability.ome.zarr", prob_u8, frag.id
+        )
+    del prob_u8
     rle = encode_rle(ink)
     ink_px = int(np.count_nonzero(ink))
     papyrus_px = int(np.count_nonzero(mask))
@@ -527,7 +590,15 @@ def _predict_fragment(
         f"the papyrus (overlay on the {what})"
     )
     result = FragmentPrediction(
-        frag.id, shape, fraction, prob_png, mask_png, overlay_png, round(seconds, 3)
+        frag.id,
+        shape,
+        fraction,
+        prob_png,
+        mask_png,
+        overlay_png,
+        round(seconds, 3),
+        probability_tif=prob_tif,
+        probability_ome_zarr=prob_zarr,
     )
     return result, rle
 
@@ -623,6 +694,18 @@ def format_predictions(results: Sequence[FragmentPrediction], out: Path) -> str:
         format_table(header, rows),
         f"submission: {out / SUBMISSION}",
         f"pictures:   {out}/<id>_probability.png, <id>_mask.png, <id>_overlay.png",
+    ]
+    saved = [
+        name
+        for name, present in (
+            ("<id>_probability.tif", any(r.probability_tif for r in results)),
+            ("<id>_probability.ome.zarr", any(r.probability_ome_zarr for r in results)),
+        )
+        if present
+    ]
+    if saved:
+        lines.append(f"maps:       {out}/{', '.join(saved)}")
+    lines += [
         f"settings:   {out / RECORD}",
     ]
     return "\n".join(lines)

@@ -29,7 +29,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import zarr
@@ -47,6 +47,33 @@ BLOSC_FLAGS_OFFSET = 2  # byte of the header holding the flags
 BLOSC_MEMCPYED = 0x02  # flag: the data follows the header uncompressed and unshuffled
 _HEADER = struct.Struct("<4B3I")  # the header's 4 single bytes, then 3 x uint32 sizes
 assert _HEADER.size == BLOSC_HEADER_BYTES
+
+
+class VolumeArray(Protocol):
+    """A (z, H, W) uint16 array read by slicing: a Zarr array, or an adapter around any source.
+
+    :class:`ChunkReader` reads blocks of ``chunks[1] x chunks[2]`` px from it (an adapter such
+    as :class:`inkpipe.infer.sources.SourceVolume` chooses its block size there).
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(z, H, W)."""
+        ...
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        """Chunk (z, y, x): the block size a reader uses."""
+        ...
+
+    @property
+    def fill_value(self) -> Any:
+        """What never-written chunks hold."""
+        ...
+
+    def __getitem__(self, key: Any) -> Any:
+        """Return ``array[key]`` as uint16."""
+        ...
 
 
 def chunk_key(index: tuple[int, ...]) -> str:
@@ -118,12 +145,14 @@ def header_problem(header: BloscHeader | None, file_bytes: int, chunk_bytes: int
     return None
 
 
-def direct_read_dir(volume: zarr.Array) -> Path | None:
+def direct_read_dir(volume: VolumeArray) -> Path | None:
     """Return the folder of ``volume``'s chunk files if they have this module's format, else None.
 
     That is a uint16 array in a local store, unsharded, with the ``bytes`` (little-endian) and
     ``blosc`` codecs and the default chunk-key encoding: what the store writes.
     """
+    if not isinstance(volume, zarr.Array):
+        return None
     try:
         meta = volume.metadata
         codecs: tuple[Any, ...] = tuple(getattr(meta, "codecs", ()))
@@ -164,13 +193,13 @@ class ChunkReader:
     directly; any other array is read through Zarr.
 
     Args:
-        volume: (z, H, W) uint16 Zarr array.
+        volume: (z, H, W) uint16 Zarr array (or any :class:`VolumeArray`).
 
     Attributes:
         root: the folder of the chunk files read directly, or None (read through Zarr).
     """
 
-    def __init__(self, volume: zarr.Array) -> None:
+    def __init__(self, volume: VolumeArray) -> None:
         self.volume = volume
         self.shape = tuple(int(s) for s in volume.shape)
         self.chunks = tuple(int(c) for c in volume.chunks)

@@ -22,11 +22,10 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-import zarr
 from numpy.typing import NDArray
 
 from .blocks import BlockKey, BlockStore
-from .chunks import ChunkReader, mapped_empty
+from .chunks import ChunkReader, VolumeArray, mapped_empty
 from .errors import InvalidInputError
 from .layers import LayerRange
 from .readahead import ReadAhead
@@ -37,6 +36,7 @@ __all__ = [
     "ChunkReader",
     "Normalizer",
     "RegionView",
+    "VolumeArray",
     "VolumeView",
     "mapped_empty",
 ]
@@ -97,13 +97,13 @@ class BlockCache:
     block cached or in flight.
 
     Args:
-        volumes: (z, H, W) uint16 Zarr arrays, indexed by fragment.
+        volumes: (z, H, W) uint16 Zarr arrays (or :class:`VolumeArray`), indexed by fragment.
         layers: the layer range to read.
         budget_mb: maximum decoded bytes held (at least the blocks of one crop are kept).
     """
 
     def __init__(
-        self, volumes: Sequence[zarr.Array], layers: LayerRange, budget_mb: float = 512
+        self, volumes: Sequence[VolumeArray], layers: LayerRange, budget_mb: float = 512
     ) -> None:
         self.volumes = list(volumes)
         self.readers = [ChunkReader(v) for v in self.volumes]
@@ -180,14 +180,18 @@ class VolumeView:
     neighbouring windows share decoded chunks.
 
     Args:
-        volume: (z, H, W) uint16 Zarr array.
+        volume: (z, H, W) uint16 Zarr array (or any :class:`VolumeArray`).
         layers: the layer range to present.
         normalizer: statistics of those layers.
         cache_mb: decoded-block cache budget.
     """
 
     def __init__(
-        self, volume: zarr.Array, layers: LayerRange, normalizer: Normalizer, cache_mb: float = 256
+        self,
+        volume: VolumeArray,
+        layers: LayerRange,
+        normalizer: Normalizer,
+        cache_mb: float = 256,
     ) -> None:
         self.layers = layers
         self.normalizer = normalizer
