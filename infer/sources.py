@@ -76,7 +76,13 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _NOT_IN_ID = re.compile(r"[^A-Za-z0-9._-]+")
 _FIX_DTYPE = "convert it to a uint16 Zarr array first (values 0-65535, e.g. v.astype('uint16'))"
 _WHAT_VOLUME = "a Zarr array (z, y, x) of CT layers, or a group holding one (an OME-Zarr image)"
-_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
+_PACKAGES = {  # pip names of fsspec's backends, by URL scheme
+    "s3": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "http": "aiohttp requests",
+    "https": "aiohttp requests",
+}
 
 
 def is_url(text: str) -> bool:
@@ -267,10 +273,14 @@ def _open_node(given: str) -> zarr.Array | zarr.Group:
         return zarr.open(store=given, mode="r")
     except ImportError as exc:
         scheme = given.split("://", 1)[0].lower()
-        package = _PACKAGES.get(scheme, f"the fsspec backend for {scheme}://")
+        package = _PACKAGES.get(scheme)
+        fix = (
+            f"install it: pip install {package}"
+            if package
+            else f"install fsspec's backend for {scheme}:// (see fsspec's known implementations)"
+        )
         raise MissingPackageError(
-            f"reading Zarr volume {given} needs {package} ({exc}); install it, e.g. "
-            f"pip install {package if ' ' not in package else 'fsspec[full]'}"
+            f"reading Zarr volume {given} needs {package or 'an fsspec backend'} ({exc}); {fix}"
         ) from None
     except FileNotFoundError:  # zarr's NodeNotFoundError is one too
         if local and Path(given).exists():

@@ -122,16 +122,27 @@ def test_a_local_zarr_array_predicts_like_the_store(frag1, store_prediction, ckp
     assert not (tmp_path / "out" / ".ingest.zarr").exists()  # nothing ingested
 
 
-def test_the_statistics_are_ingest_s(frag1, tmp_path):
+def test_the_statistics_are_ingest_s(frag1, tmp_path, monkeypatch):
     frag, mask = frag1
     volume = write_volume(tmp_path / "v.zarr", np.asarray(frag.volume[...]), chunks=(5, 16, 24))
     source = open_zarr_fragment(volume, mask, LAYERS)
     stats = source.layer_stats()
     np.testing.assert_allclose(stats[2:6], frag.layer_stats()[2:6], rtol=1e-12)
     assert np.isnan(stats[:2]).all() and np.isnan(stats[6:]).all()  # only the model's layers
-    # bands of any height add up to the same statistics
+    # bands of any height add up to the same statistics: here one block row (16 px) a band
+    monkeypatch.setattr(sources, "STATS_BAND_MB", 1e-6)
+    source.volume.chunks = (5, 16, 24)
+    reads: list = []
+    original = SourceVolume.__getitem__
+
+    def spy(self, key):
+        reads.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(SourceVolume, "__getitem__", spy)
     small = compute_layer_stats(source.volume, source.mask(), LAYERS)
     np.testing.assert_allclose(small, stats, rtol=1e-12)
+    assert [(k[1].start, k[1].stop) for k in reads] == [(y, y + 16) for y in range(0, 96, 16)]
 
 
 def test_an_ome_zarr_group_in_memory_reads_level_0(
@@ -449,7 +460,7 @@ def test_missing_fsspec_backends_and_unreachable_servers(tmp_path, monkeypatch):
         raise ImportError("Install s3fs to access S3")
 
     monkeypatch.setattr(sources.zarr, "open", no_s3)
-    with pytest.raises(MissingPackageError, match="needs s3fs .* pip install s3fs"):
+    with pytest.raises(MissingPackageError, match="needs s3fs .*; install it: pip install s3fs"):
         open_zarr_fragment("s3://bucket/vol.zarr", mask, LAYERS)
     monkeypatch.undo()
     pytest.importorskip("aiohttp")
