@@ -2,14 +2,17 @@
 
 Windows come from the store's window index when the run's tile is the one the store was
 indexed with, and are derived from the stored mask and labels otherwise (any tile and stride,
-in seconds, no re-ingest). Held-out regions (square blocks of the papyrus, the default) and
+in seconds, no re-ingest). A plan's fragments are :class:`KeptFragment` s: the windows, the
+held-out regions, the dataset and fragment validation all read the same mask and labels, read
+from the store once. Held-out regions (square blocks of the papyrus, the default) and
 held-out patches (single windows) are picked so that training keeps most windows and some ink,
 and training windows that could reach a held-out pixel are dropped.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -20,6 +23,42 @@ from inkpipe.pipeline.windows import INK_PX, X0, Y0, index_windows
 
 from .config import TrainConfig, Validation, ValidationKind
 from .data import CropTable, WindowSet
+
+
+@dataclass(frozen=True)
+class KeptFragment(Fragment):
+    """A store fragment whose mask and labels are read on first use and kept, read-only.
+
+    A training run needs them at several steps (windows for a tile the store was not indexed
+    with, held-out regions, every block of them, the dataset, fragment validation each epoch),
+    which would each decode the whole planes again. The run keeps them for its whole length
+    anyway (the dataset crops its labels from them), so keeping them here costs no memory.
+    """
+
+    planes: dict[str, NDArray[np.uint8]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    @classmethod
+    def of(cls, frag: Fragment) -> KeptFragment:
+        """Return ``frag`` (of any store) as a fragment that keeps its planes."""
+        return cls(frag.meta, frag.group)
+
+    def mask(self) -> NDArray[np.uint8]:
+        """(H, W) uint8 0/1 papyrus mask, read once (read-only)."""
+        return self._kept("mask", super().mask)
+
+    def labels(self) -> NDArray[np.uint8] | None:
+        """(H, W) uint8 0/1 ink labels, read once (read-only), or None for test fragments."""
+        return self._kept("labels", super().labels) if self.meta.has_labels else None
+
+    def _kept(self, name: str, read: Callable[[], NDArray[np.uint8] | None]) -> NDArray[np.uint8]:
+        if name not in self.planes:
+            plane = read()
+            assert plane is not None  # labels are only read when the fragment has them
+            plane.flags.writeable = False  # shared by every reader of the run
+            self.planes[name] = plane
+        return self.planes[name]
 
 
 @dataclass(frozen=True)
@@ -76,7 +115,7 @@ def plan_run(cfg: TrainConfig) -> Plan:
             labels, or mixed stored tiles with no ``tile_px``.
         TrainingError: no positive training window.
     """
-    fragments = open_fragments(cfg.store)
+    fragments = [KeptFragment.of(f) for f in open_fragments(cfg.store)]
     by_id = {f.id: f for f in fragments}
     labelled = [f.id for f in fragments if f.meta.has_labels]
     wanted = list(cfg.fragments) if cfg.fragments else labelled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import zarr
 
 from inkpipe.pipeline.errors import ConfigError
 from inkpipe.pipeline.layers import LayerRange
+from inkpipe.pipeline.store import Fragment, open_fragments
 from inkpipe.pipeline.volume import Normalizer, RegionView, VolumeView
 from inkpipe.pipeline.windows import INK_PX, X0, Y0, index_windows
 from inkpipe.train.config import TrainConfig, Validation, parse_validation
-from inkpipe.train.data import WindowSet
+from inkpipe.train.data import CropDataset, WindowSet
 from inkpipe.train.split import (
     exclude_blocks,
     pick_regions,
@@ -124,3 +126,26 @@ def test_region_view_reads_what_the_volume_view_reads(tmp_path):
     np.testing.assert_array_equal(got[1], view[:, 176:240, 116:180])
     with pytest.raises(Exception, match="outside the view"):
         RegionView(view, 200, 0, 200, 10)
+
+
+def test_mask_and_labels_are_read_once_per_fragment(tiny_store, monkeypatch):
+    reads: Counter[tuple[str, str]] = Counter()
+    for name in ("mask", "labels"):
+        read = getattr(Fragment, name)
+
+        def counted(self: Fragment, read=read, name=name) -> np.ndarray | None:
+            reads[self.id, name] += 1
+            return read(self)
+
+        monkeypatch.setattr(Fragment, name, counted)
+    # a tile the store was not indexed with: windows are derived from the mask and labels
+    cfg = TrainConfig(store=tiny_store, out=Path("unused"), layers=LayerRange(0, 4), tile_px=16)
+    assert open_fragments(tiny_store)[0].settings.tile_px != 16
+    plan = plan_run(cfg)
+    dataset = CropDataset(plan.fragments, cfg.layers, plan.tile_px)
+    for f in plan.fragments:  # fragment validation reads them again each epoch
+        f.mask(), f.labels()
+    assert reads == {(f.id, name): 1 for f in plan.fragments for name in ("mask", "labels")}
+    assert dataset.masks[0] is plan.fragments[0].mask()
+    with pytest.raises(ValueError, match="read-only"):
+        dataset.labels[0][0, 0] = 1
