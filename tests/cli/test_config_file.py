@@ -128,6 +128,8 @@ def test_without_a_config_the_options_are_what_they_were(tmp_path):
         ("model: {name: nope}\n", "model: unknown model 'nope'"),
         ("model: {name: unet, widths: [1, 2]}\n", "model.widths: expected a list of 3 values"),
         ("fragments: 1\n", "fragments: expected a list"),
+        ("aug: 3\n", "aug: expected one of none, light, full, got 3 (int)"),
+        ("loss: {name: [bce]}\n", "loss.name: expected one of bce, focal, dice, bce+dice,"),
     ],
 )
 def test_broken_values_name_the_file_and_the_key(tmp_path, text, words):
