@@ -295,3 +295,71 @@ class ChunkReader:
             f"writing interrupted; re-ingest fragment {frag!r} with "
             "`inkpipe ingest FRAGMENTS --out STORE --overwrite`"
         )
+
+
+BLOSC_SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}  # numcodecs' shuffle codes
+
+
+@dataclass(frozen=True)
+class ChunkWriter:
+    """Write whole chunks of a uint16 volume as chunk files of this module's layout.
+
+    The writing twin of :class:`ChunkReader`: each chunk is Blosc-encoded with the array's own
+    codec settings and written to :func:`chunk_path`, the file Zarr itself would write, so
+    zarr-python (and any Zarr v3 reader) reads the array as usual. A chunk holding only the
+    fill value (0) is not written, as Zarr does not write it either. It skips Zarr's general
+    codec pipeline, whose per-chunk cost (asyncio tasks, an ``all_equal`` test of every chunk
+    against the fill value) exceeded the encoding itself in ingest. Frozen and small, so it
+    pickles to dask workers.
+
+    Attributes:
+        root: the array's folder (``<fragment>/volume``).
+        chunks: chunk shape (cz, cy, cx).
+        cname, clevel, shuffle: the Blosc settings of the array's ``blosc`` codec.
+    """
+
+    root: Path
+    chunks: tuple[int, int, int]
+    cname: str
+    clevel: int
+    shuffle: str
+
+    @classmethod
+    def for_array(cls, volume: zarr.Array) -> ChunkWriter | None:
+        """Return a writer for ``volume``'s chunk files, or None if they have another format."""
+        root = direct_read_dir(volume)
+        if root is None:
+            return None
+        codec: Any = volume.metadata.codecs[1]  # type: ignore[union-attr]
+        cz, cy, cx = (int(c) for c in volume.chunks)
+        return cls(
+            root,
+            (cz, cy, cx),
+            str(getattr(codec.cname, "value", codec.cname)),
+            int(codec.clevel),
+            str(getattr(codec.shuffle, "value", codec.shuffle)),
+        )
+
+    def encode(self, chunk: NDArray[np.uint16]) -> bytes | None:
+        """Return one whole (cz, cy, cx) C-contiguous uint16 chunk's file bytes; None if all 0."""
+        data = blosc.compress(
+            chunk, self.cname.encode(), self.clevel, BLOSC_SHUFFLES[self.shuffle], 0
+        )
+        # Only a chunk that compressed well can be all zeros: test those alone (at level 0
+        # nothing compresses, so test all).
+        if (self.clevel == 0 or len(data) < chunk.nbytes // 2) and not chunk.any():
+            return None
+        return bytes(data)
+
+    def write(self, index: tuple[int, int, int], data: bytes | None) -> None:
+        """Write a chunk's encoded bytes (from :meth:`encode`) at grid ``index`` (z, y, x).
+
+        ``None`` (all fill) removes any older file, so the chunk reads as fill.
+        """
+        path = chunk_path(self.root, index)
+        if data is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(data)

@@ -9,6 +9,8 @@ threads (``workers``) or on a dask.distributed cluster (``scheduler``).
 
 from __future__ import annotations
 
+import ctypes
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -21,6 +23,7 @@ import zarr
 from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
+from .chunks import ChunkWriter
 from .disk import block_bytes, check_free, disk_full_as_error
 from .errors import InvalidInputError
 from .fragments import CheckedFragment, FragmentSource, check_fragment, discover_fragments
@@ -44,8 +47,7 @@ from .store import (
 from .tiff import SliceInfo, read_rows
 from .windows import INK_PX, index_windows
 
-HIST_SHIFT = 4  # layer histograms have 65536 >> 4 = 4096 bins of 16 grey levels
-HIST_BINS = 65536 >> HIST_SHIFT
+HIST_BINS = 65536  # layer histograms: one bin per uint16 value
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,20 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class FragmentResult:
-    """What happened to one fragment: ``status`` is ``"ingested"`` or ``"skipped"``."""
+    """What happened to one fragment: ``status`` is ``"ingested"`` or ``"skipped"``.
+
+    ``stages`` holds the seconds of an ingested fragment's stages: the CPU seconds of the band
+    tasks' ``read``, ``statistics``, ``encode`` and ``write`` (summed over the tasks and their
+    threads), then wall-clock seconds: ``volume_wall`` (all band tasks), ``planes`` (mask,
+    labels, IR), ``windows`` (window index and tables), ``fsync`` (the store's file system).
+    """
 
     id: str
     status: str
     seconds: float
     input_bytes: int
     shape: tuple[int, int, int]
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_settings(manifest: Path | None, overrides: dict[str, Any]) -> StoreSettings:
@@ -318,17 +327,28 @@ def _ingest_one(
     )
     group = begin_fragment(root, meta, settings)
     volume_path = Path(cfg.out).resolve() / src.id / "volume"  # absolute: remote dask workers
-    stats = _write_volume(volume_path, frag, mask, settings, cfg, client)
+    volume = group["volume"]
+    writer = ChunkWriter.for_array(volume) if isinstance(volume, zarr.Array) else None
+    t1 = time.perf_counter()
+    stats, stages = _write_volume(volume_path, frag, mask, settings, cfg, client, writer)
+    stages["volume_wall"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
     write_plane(group, "mask", mask, settings.chunk_px)
     if labels is not None:
         write_plane(group, "labels", labels & mask, settings.chunk_px)
     if ir is not None:
         write_plane(group, "ir", ir, settings.chunk_px)
+    t2 = time.perf_counter()
     windows = index_windows(
         mask, labels, settings.tile_px, settings.stride_px, settings.min_coverage
     )
     write_windows(group, windows, settings)
     write_table(group, "layer_stats", stats, {"columns": list(STAT_COLUMNS)})
+    t3 = time.perf_counter()
+    # The chunk files reach the disk before the completion marker says they are there.
+    sync_filesystem(Path(cfg.out))
+    t4 = time.perf_counter()
+    stages.update(planes=t2 - t1, windows=t3 - t2, fsync=t4 - t3)
     seconds = time.perf_counter() - t0
     meta = replace(meta, extra={**meta.extra, "ingest_seconds": round(seconds, 3)})
     finish_fragment(root, group, meta)
@@ -338,7 +358,22 @@ def _ingest_one(
         f"{seconds:.1f} s ({input_bytes / 1e6 / max(seconds, 1e-9):.0f} MB/s), "
         f"{len(windows)} windows ({n_pos} with ink)"
     )
-    return FragmentResult(src.id, "ingested", seconds, input_bytes, frag.shape)
+    return FragmentResult(src.id, "ingested", seconds, input_bytes, frag.shape, stages)
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush the file system holding ``path`` to its disk (``syncfs``; ``sync`` elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if libc.syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):  # no syncfs (not Linux): flush every file system
+        pass
+    os.sync()
 
 
 def band_tasks(
@@ -353,12 +388,16 @@ def band_tasks(
     ]
 
 
+STAGES = ("read", "statistics", "encode", "write")  # per-band stages, timed in each task
+
+
 def copy_band(
     volume_path: Path,
     slices: tuple[SliceInfo, ...],
     band: tuple[int, int, int, int],
     mask_band: NDArray[np.uint8],
-) -> tuple[int, NDArray[np.float64], NDArray[np.int64]]:
+    writer: ChunkWriter | None = None,
+) -> BandResult:
     """Copy one band of slices into the volume and summarise it (one dask task).
 
     Args:
@@ -366,18 +405,81 @@ def copy_band(
         slices: all slices of the fragment.
         band: (z0, z1, y0, y1) chunk-aligned.
         mask_band: (y1 - y0, W) uint8 0/1 mask rows of the band.
+        writer: writes the band's chunk files directly; None writes through zarr-python.
 
     Returns:
-        (z0, sums (z1-z0, 3) float64 of [count, sum, sum of squares] inside the mask,
-        histograms (z1-z0, HIST_BINS) int64 of ``value >> HIST_SHIFT`` inside the mask).
+        the band's :class:`BandResult`: its statistics inside the mask and stage times.
     """
     z0, z1, y0, y1 = band
+    clock = time.thread_time  # CPU time of this thread: shares that other load does not skew
+    t0 = clock()
     data = np.stack([read_rows(slices[z], y0, y1) for z in range(z0, z1)])
     if data.dtype != np.uint16:
         data = data.astype(np.uint16)
-    zarr.open_array(volume_path, mode="r+")[z0:z1, y0:y1, :] = data
+    t1 = clock()
     sums, hists = summarize_band(data, mask_band)
-    return z0, sums, hists
+    t2 = clock()
+    if writer is None:
+        zarr.open_array(volume_path, mode="r+")[z0:z1, y0:y1, :] = data
+        t3 = t4 = clock()
+    else:
+        encoded = _encode_band(writer, data, band)
+        t3 = clock()
+        for index, chunk in encoded:
+            writer.write(index, chunk)
+        t4 = clock()
+    seconds = np.array([t1 - t0, t2 - t1, t3 - t2, t4 - t3])
+    return BandResult(z0, sums, hists, seconds)
+
+
+def _encode_band(
+    writer: ChunkWriter, data: NDArray[np.uint16], band: tuple[int, int, int, int]
+) -> list[tuple[tuple[int, int, int], bytes | None]]:
+    """Encode a chunk-aligned (k, h, W) band into its chunks' file bytes, edge chunks padded."""
+    z0, _, y0, _ = band
+    cz, cy, cx = writer.chunks
+    k, h, w = data.shape
+    out = []
+    for x0 in range(0, w, cx):
+        part = data[:, :, x0 : x0 + cx]
+        if part.shape == (cz, cy, cx):
+            chunk = np.ascontiguousarray(part)
+        else:  # past the volume's edge a chunk holds the fill value, as Zarr pads it
+            chunk = np.zeros((cz, cy, cx), dtype=np.uint16)
+            chunk[:k, :h, : part.shape[2]] = part
+        out.append(((z0 // cz, y0 // cy, x0 // cx), writer.encode(chunk)))
+    return out
+
+
+@dataclass(frozen=True)
+class BandResult:
+    """What one band task returns; results of bands add up (:meth:`add`).
+
+    Attributes:
+        z0: the first layer of ``sums`` and ``hists``.
+        sums: (k, 3) float64 [count, sum, sum of squares] inside the mask.
+        hists: (k, HIST_BINS) int64 histograms of the values inside the mask.
+        seconds: (len(STAGES),) float64 CPU seconds spent in each of :data:`STAGES`.
+    """
+
+    z0: int
+    sums: NDArray[np.float64]
+    hists: NDArray[np.int64]
+    seconds: NDArray[np.float64]
+
+    @staticmethod
+    def add(*results: BandResult) -> BandResult:
+        """Return the sum of ``results``: one result covering all their layers."""
+        z0 = min(r.z0 for r in results)
+        z1 = max(r.z0 + len(r.sums) for r in results)
+        sums = np.zeros((z1 - z0, 3))
+        hists = np.zeros((z1 - z0, HIST_BINS), dtype=np.int64)
+        seconds = np.zeros(len(STAGES))
+        for r in results:
+            sums[r.z0 - z0 : r.z0 - z0 + len(r.sums)] += r.sums
+            hists[r.z0 - z0 : r.z0 - z0 + len(r.hists)] += r.hists
+            seconds += r.seconds
+        return BandResult(z0, sums, hists, seconds)
 
 
 def summarize_band(
@@ -386,6 +488,8 @@ def summarize_band(
     """Summarise a band of layers inside the mask, for :func:`layer_statistics`.
 
     Sums and histograms of bands add up, so a volume of any size is summarised band by band.
+    One exact histogram of the uint16 values per layer (``np.bincount``) gives the count, sum
+    and sum of squares too (exactly, in integers), and later exact percentiles.
 
     Args:
         data: (k, h, W) uint16 band of k layers.
@@ -393,18 +497,22 @@ def summarize_band(
 
     Returns:
         (sums (k, 3) float64 of [count, sum, sum of squares] inside the mask, histograms
-        (k, HIST_BINS) int64 of ``value >> HIST_SHIFT`` inside the mask).
+        (k, HIST_BINS) int64 of the values inside the mask).
     """
     k = data.shape[0]
     inside = mask_band.astype(bool)
-    sums = np.zeros((k, 3))
     hists = np.zeros((k, HIST_BINS), dtype=np.int64)
-    if inside.any():
+    n_inside = int(np.count_nonzero(inside))
+    if n_inside:
+        whole = n_inside == inside.size  # no gather where the band is all papyrus
         for i in range(k):
-            values = data[i][inside]
-            v = values.astype(np.float64)
-            sums[i] = (v.size, v.sum(), np.square(v).sum())
-            hists[i] = np.bincount(values >> HIST_SHIFT, minlength=HIST_BINS)
+            values = data[i].ravel() if whole else data[i][inside]
+            hists[i] = np.bincount(values, minlength=HIST_BINS)
+    levels = np.arange(HIST_BINS, dtype=np.int64)
+    # Per band, count * 65535**2 < 2**63 for any band under 2**31 px: exact in int64.
+    sums = np.column_stack([hists.sum(axis=1), hists @ levels, hists @ (levels * levels)]).astype(
+        np.float64
+    )
     return sums, hists
 
 
@@ -413,19 +521,24 @@ def layer_statistics(sums: NDArray[np.float64], hists: NDArray[np.int64]) -> NDA
 
     Args:
         sums: (z, 3) float64 [count, sum, sum of squares].
-        hists: (z, HIST_BINS) int64 histograms of ``value >> HIST_SHIFT``.
+        hists: (z, HIST_BINS) int64 histograms of the uint16 values.
 
     Returns:
-        (z, 4) float64; percentiles are bin centres (16 grey levels wide).
+        (z, 4) float64; the percentiles are exact: the smallest value with at least 1 % (99 %)
+        of the pixels at or below it (NumPy's ``method="inverted_cdf"``).
     """
     count = np.maximum(sums[:, 0], 1)
     mean = sums[:, 1] / count
     std = np.sqrt(np.maximum(sums[:, 2] / count - mean**2, 0.0))
-    cdf = np.cumsum(hists, axis=1) / np.maximum(hists.sum(axis=1, keepdims=True), 1)
-    centre = (np.arange(HIST_BINS) << HIST_SHIFT) + (1 << HIST_SHIFT) / 2
-    p01 = centre[np.minimum((cdf < 0.01).sum(axis=1), HIST_BINS - 1)]
-    p99 = centre[np.minimum((cdf < 0.99).sum(axis=1), HIST_BINS - 1)]
-    return np.column_stack([mean, std, p01, p99])
+    cum = np.cumsum(hists, axis=1)
+    total = cum[:, -1:]
+    # cum < q * total in integers: q = 1/100 and 99/100
+    p01 = np.minimum((cum * 100 < total).sum(axis=1), HIST_BINS - 1)
+    p99 = np.minimum((cum * 100 < total * 99).sum(axis=1), HIST_BINS - 1)
+    return np.column_stack([mean, std, p01.astype(np.float64), p99.astype(np.float64)])
+
+
+REDUCE_FAN_IN = 8  # band results summed 8 at a time: few histograms are held at once
 
 
 def _write_volume(
@@ -435,54 +548,58 @@ def _write_volume(
     settings: StoreSettings,
     cfg: IngestConfig,
     client: Any,
-) -> NDArray[np.float64]:
-    """Run the band tasks with dask; return the (z, 4) layer statistics."""
+    writer: ChunkWriter | None,
+) -> tuple[NDArray[np.float64], dict[str, float]]:
+    """Run the band tasks with dask; return the (z, 4) layer statistics and stage seconds.
+
+    Band results (histograms of 65536 bins a layer) are summed in a tree as they come, so
+    memory holds a few of them whatever the number of bands.
+    """
     bands = band_tasks(frag.shape, settings)
     task = dask.delayed(copy_band, pure=False)
-    tasks = [task(volume_path, frag.slices, b, mask[b[2] : b[3]]) for b in bands]
+    tasks = [task(volume_path, frag.slices, b, mask[b[2] : b[3]], writer) for b in bands]
     z = frag.shape[0]
-    sums = np.zeros((z, 3))
-    hists = np.zeros((z, HIST_BINS), dtype=np.int64)
     row_bytes = frag.shape[2] * 2
+    sizes = {t.key: (b[1] - b[0]) * (b[3] - b[2]) * row_bytes for t, b in zip(tasks, bands)}
     bar = tqdm(
-        total=sum((b[1] - b[0]) * (b[3] - b[2]) * row_bytes for b in bands),
+        total=sum(sizes.values()),
         unit="B",
         unit_scale=True,
         desc=f"ingest {frag.source.id}",
         disable=not cfg.progress,
         leave=False,
     )
-
-    def collect(result: tuple[int, NDArray[np.float64], NDArray[np.int64]]) -> None:
-        z0, s, h = result
-        sums[z0 : z0 + len(s)] += s
-        hists[z0 : z0 + len(h)] += h
-
+    add = dask.delayed(BandResult.add, pure=True)
+    level: list[Any] = tasks
+    while len(level) > 1:  # neighbours in row order: their layer ranges overlap
+        level = [add(*level[i : i + REDUCE_FAN_IN]) for i in range(0, len(level), REDUCE_FAN_IN)]
+    root = level[0]
     try:
         if client is not None:
             from distributed import as_completed
 
-            futures = client.compute(tasks)
-            band_of = {f.key: b for f, b in zip(futures, bands)}
-            for fut in as_completed(futures):
-                b = band_of[fut.key]
-                collect(fut.result())
-                bar.update((b[1] - b[0]) * (b[3] - b[2]) * row_bytes)
+            futures = client.compute([root, *tasks])
+            total_future, band_futures = futures[0], as_completed(futures[1:])
+            del futures
+            for fut in band_futures:
+                bar.update(sizes.get(fut.key, 0))
+                fut.release()  # once summed, a band's result can be freed on its worker
+            total = total_future.result()
         else:
             from dask.callbacks import Callback
-
-            sizes = {t.key: (b[1] - b[0]) * (b[3] - b[2]) * row_bytes for t, b in zip(tasks, bands)}
 
             class _Progress(Callback):
                 def _posttask(self, key, result, dsk, state, worker_id):  # noqa: ANN001
                     if key in sizes:
                         bar.update(sizes[key])
 
-            # Results are small (sums and histograms); bands are freed as tasks finish.
             with _Progress():
-                done = dask.compute(*tasks, scheduler="threads", num_workers=cfg.workers)
-            for r in done:
-                collect(r)
+                (total,) = dask.compute(root, scheduler="threads", num_workers=cfg.workers)
     finally:
         bar.close()
-    return layer_statistics(sums, hists)
+    sums = np.zeros((z, 3))
+    hists = np.zeros((z, HIST_BINS), dtype=np.int64)
+    sums[total.z0 : total.z0 + len(total.sums)] = total.sums
+    hists[total.z0 : total.z0 + len(total.hists)] = total.hists
+    seconds = dict(zip(STAGES, (float(s) for s in total.seconds)))
+    return layer_statistics(sums, hists), seconds

@@ -27,6 +27,7 @@ from PIL import Image
 from inkpipe.cli import cli
 from inkpipe.infer.predict import PredictConfig, output_bytes_bound
 from inkpipe.pipeline import disk
+from inkpipe.pipeline.chunks import ChunkWriter, chunk_path
 from inkpipe.pipeline.errors import DiskFullError
 from inkpipe.pipeline.ingest import store_lock_path
 from inkpipe.pipeline.store import StoreSettings, fragment_bytes_bound, fragment_ids, open_store
@@ -66,16 +67,24 @@ def ingest(fragments: Path, store: Path) -> object:
 def test_ingest_disk_full_midway_keeps_complete_fragments(tmp_path, monkeypatch):
     sources = three_fragments(tmp_path / "fragments")
     store = tmp_path / "store.zarr"
-    real_put, written = zarr_local._put, []
+    real_put, real_write, written = zarr_local._put, ChunkWriter.write, []
 
-    def put(path, value, exclusive=False):  # the disk fills inside fragment 1's volume
+    def full(path):  # the disk fills inside fragment 1's volume
         if f"{store.name}/1/volume/c/" in Path(path).as_posix():
             written.append(path)
             if len(written) > 3:
                 raise enospc(path)
+
+    def put(path, value, exclusive=False):  # chunks written through zarr-python
+        full(path)
         return real_put(path, value, exclusive=exclusive)
 
+    def write(self, index, data):  # chunks written directly by ingest
+        full(chunk_path(self.root, index))
+        return real_write(self, index, data)
+
     monkeypatch.setattr(zarr_local, "_put", put)
+    monkeypatch.setattr(ChunkWriter, "write", write)
     result = ingest(tmp_path / "fragments", store)
     line = error_line(result.output, result.exit_code)
     assert line.startswith(f"Error: the disk is full writing fragment 1 ({store}: ")
@@ -86,6 +95,7 @@ def test_ingest_disk_full_midway_keeps_complete_fragments(tmp_path, monkeypatch)
     stamps = file_stamps(store / "a")
 
     monkeypatch.setattr(zarr_local, "_put", real_put)  # space freed
+    monkeypatch.setattr(ChunkWriter, "write", real_write)
     result = ingest(tmp_path / "fragments", store)
     assert result.exit_code == 0, result.output
     assert "fragment a: unchanged, skipped" in result.output

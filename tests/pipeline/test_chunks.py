@@ -112,3 +112,77 @@ def test_damaged_chunk_files_are_store_errors_not_crashes(tiny_store, tmp_path, 
     }
     with pytest.raises(StoreError, match=expect[damage]):
         BlockCache([frag.volume], LayerRange(3, 9), budget_mb=1).read(0, 0, 40, 32)
+
+
+@pytest.mark.parametrize(
+    ("codec", "clevel", "shuffle"),
+    [("lz4", 5, "shuffle"), ("zstd", 3, "bitshuffle"), ("lz4", 0, "noshuffle")],
+)
+def test_chunk_writer_writes_what_zarr_reads_chunk_by_chunk(tmp_path, codec, clevel, shuffle):
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    from inkpipe.pipeline.chunks import ChunkWriter
+
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 65535, (6, 100, 90), dtype=np.uint16)
+    data[:4, :64, :64] = 0  # an all-fill chunk: neither Zarr nor the writer stores it
+    data[4:, 64:, :] = np.arange(90, dtype=np.uint16)  # compressible edge chunks
+
+    def array(name):
+        g = zarr.open_group(tmp_path / name, mode="a", zarr_format=3)
+        return g.create_array(
+            "volume",
+            shape=data.shape,
+            dtype="uint16",
+            chunks=(4, 64, 64),
+            compressors=BloscCodec(cname=codec, clevel=clevel, shuffle=shuffle),
+            fill_value=0,
+        )
+
+    ours, theirs = array("ours.zarr"), array("theirs.zarr")
+    theirs[...] = data
+    writer = ChunkWriter.for_array(ours)
+    assert writer is not None and writer.chunks == (4, 64, 64)
+    assert (writer.cname, writer.clevel, writer.shuffle) == (codec, clevel, shuffle)
+    for zc in range(2):
+        for yc in range(2):
+            for xc in range(2):
+                chunk = np.zeros((4, 64, 64), np.uint16)
+                part = data[zc * 4 : zc * 4 + 4, yc * 64 : yc * 64 + 64, xc * 64 : xc * 64 + 64]
+                chunk[: part.shape[0], : part.shape[1], : part.shape[2]] = part
+                writer.write((zc, yc, xc), writer.encode(chunk))
+
+    def files(name):
+        root = tmp_path / name / "volume" / "c"
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+    assert files("ours.zarr") == files("theirs.zarr")  # the same chunks, fill ones absent
+    assert "0/0/0" not in files("ours.zarr")
+    reread = zarr.open_array(tmp_path / "ours.zarr" / "volume", mode="r")
+    np.testing.assert_array_equal(reread[...], data)
+    for zc in range(2):
+        for yc in range(2):
+            for xc in range(2):
+                sel = np.s_[zc * 4 : zc * 4 + 4, yc * 64 : yc * 64 + 64, xc * 64 : xc * 64 + 64]
+                np.testing.assert_array_equal(reread[sel], theirs[sel])
+    reader = ChunkReader(reread)
+    assert reader.root is not None
+    np.testing.assert_array_equal(
+        reader.read_block(slice(0, 6), 1, 1)[:, :36, :26], data[:, 64:, 64:]
+    )
+    # a chunk rewritten as all fill drops its old file
+    writer.write((1, 1, 1), writer.encode(np.zeros((4, 64, 64), np.uint16)))
+    assert not chunk_path(writer.root, (1, 1, 1)).exists()
+
+
+def test_chunk_writer_is_none_for_other_layouts(tmp_path):
+    import zarr
+
+    from inkpipe.pipeline.chunks import ChunkWriter
+
+    g = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
+    sharded = g.create_array(
+        "v", shape=(8, 128, 128), dtype="uint16", chunks=(4, 64, 64), shards=(8, 128, 128)
+    )
+    assert ChunkWriter.for_array(sharded) is None
