@@ -1,9 +1,29 @@
-"""Prediction benchmark: throughput per model and TTA mode, and peak RSS on a real-size fragment.
+"""Prediction benchmark: keeping the model busy, throughput per model and TTA, peak RSS.
 
     python benchmarks/bench_predict.py [--quick] [--workdir /tmp/inkbench-predict] [--threads 1]
                                        [--size 768] [--skip-rss] [--skip-throughput]
+                                       [--skip-ratio] [--ratio-size 2048] [--ratio-tta none,flips]
+                                       [--ratio-models M,...] [--reps 2] [--precision P] [--compile]
 
-Every measurement runs ``inkpipe.infer.predict.predict`` end to end (model load, windows,
+    # the README's figures: one torch thread, pinned to core 1 of the shared machine
+    taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/bench_predict.py --skip-rss \
+        --skip-throughput
+
+Keeping the model busy (in this process, first): a RATIO-SIZE x RATIO-SIZE x 65 fragment from
+``inkpipe synth``, ingested, layers 28:38, 64 px tiles (the CPU recipe's) at overlap 0.5,
+batch 16, for the CPU recipe's model (``stem3d``, small 2-D U-Net, output stride 4) and a 2-D
+model (``attention-unet`` at widths 16/32/64), untrained, each TTA mode. Three things are
+timed, interleaved REPS times, best of each: the bare forward (``model(batch)`` alone, on the
+same windows held in memory as one tensor, the TTA batches made beforehand), the tiled
+prediction of the whole fragment as ``predict`` runs it (``sliding_window_predict`` on a
+``VolumeView`` with the fragment's papyrus mask, through ``build_predictor``), and the whole
+``predict()`` for the fragment. Their ratios (bare forward / the others) say how busy the
+model is kept. Times are CPU times of the process (every thread), since other people's work
+shares the core; wall-clock ratios are printed too.
+
+The other measurements:
+
+They run ``inkpipe.infer.predict.predict`` end to end (model load, windows,
 blending, post-processing, PNGs, RLE) in a fresh process, on stores written directly with the
 ``pipeline.store`` functions (no TIFFs, no ingest):
 
@@ -36,6 +56,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,19 +64,34 @@ import numpy as np
 import torch
 from _common import REAL_H, REAL_W, RSS_SUFFIX, run_measured
 
-from inkpipe.infer.predict import count_windows, stride_for
+from inkpipe.infer.predict import (
+    PredictConfig,
+    build_predictor,
+    count_windows,
+    load_models,
+    predict,
+    stride_for,
+)
+from inkpipe.numerics.blending import sliding_window_predict
+from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.store import (
+    Fragment,
     FragmentMeta,
     StoreSettings,
     begin_fragment,
     create_store,
     finish_fragment,
+    open_fragment,
+    open_store,
     write_plane,
     write_table,
     write_windows,
 )
-from inkpipe.train.checkpoint import checkpoint_payload, save_checkpoint
+from inkpipe.pipeline.synth import synthesize_fragment
+from inkpipe.pipeline.volume import Normalizer, VolumeView
+from inkpipe.pipeline.windows import grid_windows, holds_valid_pixel
+from inkpipe.train.checkpoint import checkpoint_payload, model_from_checkpoint, save_checkpoint
 from inkpipe.train.models import ModelSpec, build_model, count_parameters
 
 LAYERS = LayerRange(28, 38)
@@ -194,6 +230,200 @@ def run(code: str) -> tuple[float, float, float]:
     return result["seconds"], rss, result["anon_mb"]
 
 
+# --------------------------------------------------------------------------- keeping the model busy
+
+RATIO_MODELS = {
+    "stem3d-small-s4": ModelSpec(
+        name="stem3d", in_channels=LAYERS.k, encoder="small", output_stride=4
+    ),
+    "attention-unet-16-32-64": ModelSpec(
+        name="attention-unet", in_channels=LAYERS.k, widths=(16, 32, 64)
+    ),
+}
+RATIO_TILE = 64  # the CPU recipe's tile (train/recipe.py)
+RATIO_BATCH = 16  # predict's default --batch-size
+
+
+def make_ratio_store(workdir: Path, size: int) -> Path:
+    """Synthesize a SIZE x SIZE x 65 fragment (``inkpipe synth``) and ingest it; reused."""
+    folder = workdir / f"synth{size}" / "f"
+    synthesize_fragment(
+        folder, height_px=size, width_px=size, layers=N_LAYERS, seed=0, labels=False
+    )
+    store = workdir / f"synth{size}.zarr"
+    ingest(IngestConfig(root=folder, out=store, workers=1, progress=False), log=lambda s: None)
+    return store
+
+
+def tta_inputs(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The batches TTA hands to the model: flips (and rotations) of ``x``."""
+    flips = [x, x.flip(-1), x.flip(-2), x.flip(-2, -1)]
+    if tta == "none":
+        return flips[:1]
+    if tta == "flips":
+        return flips
+    return flips + [torch.rot90(f, 1, dims=(-2, -1)) for f in flips]
+
+
+def bare_forward_seconds(
+    model: torch.nn.Module, tiles: torch.Tensor, tta: str
+) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``model(batch)`` alone over ``tiles`` (in memory), as predict batches.
+
+    Only the forward calls are timed: the TTA inputs are made beforehand, no upsampling, no
+    sigmoid, no copies.
+    """
+    wall = cpu = 0.0
+    with torch.inference_mode():
+        for lo in range(0, len(tiles), RATIO_BATCH):
+            for x in tta_inputs(tiles[lo : lo + RATIO_BATCH], tta):
+                t0, c0 = time.perf_counter(), time.process_time()
+                model(x)
+                wall += time.perf_counter() - t0
+                cpu += time.process_time() - c0
+    return wall, cpu
+
+
+def pipeline_seconds(
+    frag: Fragment, predictor: Callable, tile: int, stride: int
+) -> tuple[float, float]:
+    """(wall, CPU) seconds of the tiled prediction of the whole fragment, as ``predict`` runs it.
+
+    Store -> chunk cache -> windows -> predictor (model, TTA) -> Gaussian blending, i.e.
+    ``sliding_window_predict`` on a fresh ``VolumeView`` with the papyrus mask. CPU time counts
+    every thread of this process (all on one core when pinned).
+    """
+    mask = frag.mask()
+    t0, c0 = time.perf_counter(), time.process_time()
+    view = VolumeView(frag.volume, LAYERS, Normalizer(frag.layer_stats()[LAYERS.as_slice()]))
+    sliding_window_predict(view, predictor, tile, stride, RATIO_BATCH, valid=mask)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def run_ratio(
+    workdir: Path, size: int, reps: int, ttas: list[str], models: list[str], options: dict
+) -> list[dict]:
+    """Measure whole-fragment prediction against the bare forward, in this process.
+
+    ``options`` go to ``build_predictor`` and ``PredictConfig`` (e.g. ``precision``,
+    ``compile``); the bare forward runs under the same autocast.
+    """
+    t0 = time.perf_counter()
+    store = make_ratio_store(workdir, size)
+    frag = open_fragment(open_store(store), "f")
+    mask = frag.mask()
+    stride = stride_for(RATIO_TILE, 0.5)
+    origins = grid_windows(size, size, RATIO_TILE, stride)
+    origins = origins[holds_valid_pixel(mask != 0, origins, RATIO_TILE)]
+    view = VolumeView(frag.volume, LAYERS, Normalizer(frag.layer_stats()[LAYERS.as_slice()]))
+    tiles = torch.from_numpy(view.read_windows(origins, RATIO_TILE))
+    del view
+    print(
+        f"{size} x {size} fragment ready, {len(origins)} windows of {RATIO_TILE} px in memory "
+        f"({tiles.nbytes / 2**20:.0f} MB) after {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.get("precision", ""))
+    rows = []
+    for name in models:
+        spec = RATIO_MODELS[name]
+        torch.manual_seed(0)
+        ckpt = workdir / f"ratio_{name}.pt"
+        payload = checkpoint_payload(
+            build_model(spec).eval(), spec, LAYERS, RATIO_TILE, 0.5, {}, {}
+        )
+        save_checkpoint(ckpt, payload)
+        loaded = load_models([ckpt])
+        model = model_from_checkpoint(loaded.checkpoints[0])
+        if options.get("compile"):
+            model = torch.compile(model)
+
+        def bare_run(x: torch.Tensor, tta: str, model=model) -> tuple[float, float]:
+            with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=bool(autocast)):
+                return bare_forward_seconds(model, x, tta)
+
+        for tta in ttas:
+            predictor = build_predictor(loaded, "cpu", tta, **options)
+            for n in (RATIO_BATCH, len(tiles) % RATIO_BATCH or RATIO_BATCH):
+                predictor(tiles[:n].numpy())  # warm up (compile): full and last batch shapes
+                bare_run(tiles[:n], tta)
+            cfg = PredictConfig(
+                checkpoints=(ckpt,),
+                fragments=("f",),
+                out=workdir / "out_ratio",
+                store=store,
+                tta=tta,
+                batch_size=RATIO_BATCH,
+                device="cpu",
+                progress=False,
+                **options,
+            )
+            pipe, bare, whole = [], [], []
+            for _ in range(reps):  # interleaved, so a busy spell on the machine hits all
+                pipe.append(pipeline_seconds(frag, predictor, RATIO_TILE, stride))
+                bare.append(bare_run(tiles, tta))
+                w0, c0 = time.perf_counter(), time.process_time()
+                predict(cfg, log=lambda s: None)
+                whole.append((time.perf_counter() - w0, time.process_time() - c0))
+            mpx = size * size / 1e6
+            bare_wall, bare_cpu = (min(b[i] for b in bare) for i in (0, 1))
+            pipe_wall, pipe_cpu = (min(p[i] for p in pipe) for i in (0, 1))
+            whole_wall, whole_cpu = (min(p[i] for p in whole) for i in (0, 1))
+            row = {
+                "model": name,
+                "tta": tta,
+                "windows": len(origins),
+                "bare": mpx / bare_cpu,
+                "pipe": mpx / pipe_cpu,
+                "ratio": bare_cpu / pipe_cpu,
+                "ratio_wall": bare_wall / pipe_wall,
+                "e2e": mpx / whole_cpu,
+                "ratio_e2e": bare_cpu / whole_cpu,
+                "ratio_e2e_wall": bare_wall / whole_wall,
+            }
+            rows.append(row)
+            runs = ", ".join(
+                f"{label} {[(round(a, 1), round(b, 1)) for a, b in runs]}"
+                for label, runs in (("tiled", pipe), ("bare", bare), ("predict()", whole))
+            )
+            print(
+                f"{name}, TTA {tta}: CPU s bare {bare_cpu:.1f}, tiled {pipe_cpu:.1f} (ratio "
+                f"{row['ratio']:.3f}), predict() {whole_cpu:.1f} (ratio {row['ratio_e2e']:.3f}); "
+                f"wall ratios {row['ratio_wall']:.3f}, {row['ratio_e2e_wall']:.3f}; runs (wall, "
+                f"CPU): {runs}",
+                flush=True,
+            )
+    return rows
+
+
+def print_ratio(rows: list[dict], size: int, threads: int, options: dict) -> None:
+    print(
+        f"\n### Keeping the model busy: {size} x {size} px synthetic fragment (inkpipe synth), "
+        f"layers {LAYERS}, {RATIO_TILE} px tiles, stride {stride_for(RATIO_TILE, 0.5)} px, batch "
+        f"{RATIO_BATCH}, CPU, {threads} torch thread(s), {options or 'default options'}; best "
+        "of the interleaved runs, Mpx/s of CPU time\n"
+    )
+    print(
+        "| model | TTA | windows | bare forward Mpx/s | tiled prediction Mpx/s | ratio | "
+        "predict() Mpx/s | ratio | wall-clock ratios |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['tta']} | {r['windows']} | {r['bare']:.3f} | {r['pipe']:.3f} | "
+            f"{r['ratio']:.3f} | {r['e2e']:.3f} | {r['ratio_e2e']:.3f} | "
+            f"{r['ratio_wall']:.3f}, {r['ratio_e2e_wall']:.3f} |"
+        )
+    print(
+        "\nbare forward = model(batch) alone on the same windows held in memory as a tensor (the "
+        "TTA batches made beforehand); tiled prediction = store -> chunk cache -> windows -> "
+        "model, TTA, upsampling, sigmoid -> Gaussian blending; predict() = the whole command "
+        "for this fragment (also loading the checkpoint, post-processing, pictures, RLE). CPU "
+        "time counts every thread of the process (one core when pinned), so other processes "
+        "on the core do not count; wall-clock ratios follow."
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a 448 x 448 throughput region")
@@ -202,12 +432,40 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/inkbench-predict"))
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-ratio", action="store_true", help="skip keeping-the-model-busy")
+    ap.add_argument("--ratio-size", type=int, default=2048, help="its fragment side, px")
+    ap.add_argument("--ratio-tta", default="none,flips", help="its TTA modes, comma-separated")
+    ap.add_argument(
+        "--ratio-models", default=",".join(RATIO_MODELS), help="its models, comma-separated"
+    )
+    ap.add_argument("--reps", type=int, default=2, help="its interleaved runs per case")
+    ap.add_argument("--precision", default=None, help="predict --precision (default: auto)")
+    ap.add_argument("--compile", action="store_true", help="predict --compile")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     size = 448 if args.quick else args.size
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(
         f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; torch threads {args.threads}"
     )
+    ratio_rows = []
+    if not args.skip_ratio:
+        options: dict = {}  # only what is asked for, so the script also runs older inkpipes
+        if args.precision:
+            options["precision"] = args.precision
+        if args.compile:
+            options["compile"] = True
+        ratio_rows = run_ratio(
+            args.workdir,
+            args.ratio_size,
+            args.reps,
+            args.ratio_tta.split(","),
+            args.ratio_models.split(","),
+            options,
+        )
+        print_ratio(ratio_rows, args.ratio_size, args.threads, options)
+    if args.skip_rss and args.skip_throughput:
+        return
     t0 = time.perf_counter()
     small, real, masks = make_stores(args.workdir, size)
     ckpts = make_checkpoints(args.workdir)
