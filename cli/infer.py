@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from inkpipe.infer.engine import Precision
 from inkpipe.infer.evaluate import EvaluateConfig, evaluate
 from inkpipe.infer.predict import RECORD, PredictConfig, format_predictions, predict
 from inkpipe.infer.tta import TtaMode
@@ -145,6 +146,21 @@ def predict_config(
     help="Windows per model call.",
 )
 @device_option(PredictConfig)
+@click.option(
+    "--precision",
+    default=default_of(PredictConfig, "precision"),
+    show_default=True,
+    type=choice_of(Precision),
+    help="The model's arithmetic: auto (float16 autocast on CUDA, float32 on the CPU), fp32, "
+    "fp16 or bf16 (autocast).",
+)
+@click.option(
+    "--compile",
+    is_flag=True,
+    default=default_of(PredictConfig, "compile"),
+    help="Run the models through torch.compile (slow to start, faster per window on a GPU); "
+    "if compiling fails, a one-line warning and the uncompiled model.",
+)
 @click.option(
     "--cache-mb",
     type=float,

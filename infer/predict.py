@@ -64,11 +64,11 @@ from inkpipe.train.checkpoint import (
     Checkpoint,
     check_device,
     load_checkpoint,
-    make_predictor,
     model_from_checkpoint,
     select_device,
 )
 
+from .engine import Precision, device_predictor, host_predictor
 from .outputs import (
     ome_zarr_bytes_bound,
     tiff_bytes_bound,
@@ -131,6 +131,11 @@ class PredictConfig:
         min_area: drop ink blobs smaller than this many pixels (0: keep all).
         batch_size: windows per model call.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (see :mod:`inkpipe.train.devices`).
+        precision: the model's arithmetic (:class:`~inkpipe.infer.engine.Precision`):
+            ``auto`` (float16 autocast on CUDA, float32 on the CPU), ``fp32``, ``fp16``,
+            ``bf16``.
+        compile: run the models through ``torch.compile`` (falls back to the uncompiled
+            model, with a one-line warning, if compiling fails).
         cache_mb: budget of the decoded-chunk cache.
         canvas_budget_mb: blend canvases (sum, weights, result: 12 bytes per pixel) above this
             go to memory maps in a temporary folder inside ``out``, deleted afterwards.
@@ -154,6 +159,8 @@ class PredictConfig:
     min_area: int = 0
     batch_size: int = 16
     device: str = "auto"
+    precision: Precision = Precision.AUTO
+    compile: bool = False
     cache_mb: float = 512
     canvas_budget_mb: float = 1024
     progress: bool = True
@@ -201,6 +208,7 @@ class PredictConfig:
             )
         for name, minimum in (("open_px", 0), ("min_area", 0), ("batch_size", 1)):
             object.__setattr__(self, name, check_int(name, getattr(self, name), minimum))
+        object.__setattr__(self, "precision", check_choice("precision", self.precision, Precision))
         check_number("cache_mb", self.cache_mb, 0, low_open=True, hint="e.g. 512")
         check_number("canvas_budget_mb", self.canvas_budget_mb, 0, hint="0 always uses memory maps")
 
@@ -269,18 +277,37 @@ def load_models(paths: Sequence[Path], *, trust: bool = False) -> _Models:
     return _Models(ckpts, first.layers, first.tile_px)
 
 
-def build_predictor(models: _Models, device: str, tta: TtaMode | str) -> BatchPredictor:
+def build_predictor(
+    models: _Models,
+    device: str,
+    tta: TtaMode | str,
+    precision: Precision | str = Precision.AUTO,
+    compile: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> BatchPredictor:
     """Return ``(B, k, t, t) float32 -> (B, t, t) float32`` ink probabilities.
 
-    Each checkpoint's model gives probabilities (after the sigmoid) on NumPy batches; TTA
-    wraps each of them (so flips are undone on probabilities), and the ensemble averages them.
+    Everything between one copy of the batch to the device and one copy of the probabilities
+    back runs on the device (:mod:`~inkpipe.infer.engine`): each checkpoint's model gives
+    probabilities (after the sigmoid) under the autocast of ``precision``, optionally
+    compiled; TTA wraps each of them (so flips are undone on probabilities), and the ensemble
+    averages them.
+
+    Args:
+        models: the loaded checkpoints.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        tta: a :class:`~inkpipe.infer.tta.TtaMode` or its value.
+        precision: a :class:`~inkpipe.infer.engine.Precision` or its value.
+        compile: run the models through ``torch.compile``.
+        warn: where a failed compile's one-line warning goes (default: ``warnings.warn``).
     """
     dev = select_device(device)
     mode = check_choice("TTA mode", tta, TtaMode)
     members = [
-        with_tta(make_predictor(model_from_checkpoint(ck), dev), mode) for ck in models.checkpoints
+        with_tta(device_predictor(model_from_checkpoint(ck), dev, precision, compile, warn), mode)
+        for ck in models.checkpoints
     ]
-    return ensemble(members)
+    return host_predictor(ensemble(members), dev)
 
 
 def _resolve_store_fragments(cfg: PredictConfig) -> list[Fragment]:
@@ -661,11 +688,12 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = print) -> list[Frag
         f"the predictions of {len(fragments)} fragment(s) in {cfg.out}",
         "free some space or pass another --out",
     )
-    predictor = build_predictor(models, cfg.device, cfg.tta)
+    predictor = build_predictor(models, cfg.device, cfg.tta, cfg.precision, cfg.compile, warn=log)
     log(
         f"predicting {len(fragments)} fragment(s) with {len(models.checkpoints)} checkpoint(s): "
         f"layers {models.layers}, {models.tile_px} px tiles every "
         f"{stride_for(models.tile_px, cfg.overlap)} px, TTA {cfg.tta}, threshold {threshold:.3f}"
+        f", precision {cfg.precision}{', compiled' if cfg.compile else ''}"
     )
     results: list[FragmentPrediction] = []
     rows: list[tuple[str, str]] = []

@@ -10,14 +10,20 @@ prediction is dropped and the result has the image's own (H, W), with no crop st
 
 The predictor is any ``(B, C, t, t) float32 -> (B, t, t) float32`` NumPy callable; blending knows
 nothing of models, TTA or ensembles (wrap the predictor with :mod:`inkpipe.infer.tta`).
+
+Tiles are read a few batches ahead by a background thread while the predictor runs on the
+batch before, so a model that is slower than reading never waits for it (reading releases the
+GIL in decompression and NumPy copies, and so does a torch forward pass).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -39,6 +45,9 @@ class PadMode(StrEnum):
 
 
 _RESULT_ROWS = 1024  # rows per block when dividing sum by weight, to bound temporaries
+READ_AHEAD_BATCHES = 2  # batches read ahead of the predictor by default
+
+Item = TypeVar("Item")
 
 
 def gaussian_importance(
@@ -215,6 +224,79 @@ def _batches(items: NDArray[np.int64], batch_size: int) -> Iterator[NDArray[np.i
         yield items[lo : lo + batch_size]
 
 
+_END = object()  # marks the end of the items in read_in_background's queue
+
+
+def read_in_background(items: Iterable[Item], depth: int) -> Generator[Item, None, None]:
+    """Yield ``items`` in order, produced by a background thread up to ``depth`` ahead.
+
+    The thread runs ``iter(items)`` and keeps at most ``depth`` finished items waiting (plus
+    the one it is producing). An exception it meets is raised here, at the item it would have
+    produced. When the caller stops early (an exception, or ``close()`` of this generator),
+    the thread stops after the item in hand and is joined.
+
+    Args:
+        items: an iterable (e.g. a generator reading batches of tiles).
+        depth: items kept ready ahead (>= 1).
+    """
+    depth = check_int("depth", depth, 1, "e.g. 2")
+    ready: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, _END))
+        except BaseException as exc:  # noqa: BLE001  # raised again in the reader, at its item
+            put((False, exc))
+
+    thread = threading.Thread(target=produce, name="inkpipe-read-tiles", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = ready.get()
+            if not ok:
+                raise item
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _read_batches(
+    source: Any, batches: list[NDArray[np.int64]], channels: int, tile_px: int
+) -> Generator[NDArray[np.float32], None, None]:
+    """Yield the (n, C, t, t) float32 crops of each batch of origins, in order.
+
+    A source with ``read_windows`` (``VolumeView``) reads whole batches, the blocks of the
+    next batch decoded ahead; anything else is sliced window by window.
+    """
+    t = tile_px
+    read_windows = getattr(source, "read_windows", None)
+    for b, batch in enumerate(batches):
+        if read_windows is not None:
+            coming = batches[b + 1] if b + 1 < len(batches) else None
+            yield np.asarray(read_windows(batch, t, coming), dtype=np.float32)
+            continue
+        crops = np.empty((len(batch), channels, t, t), dtype=np.float32)
+        for i, (y, x) in enumerate(batch.tolist()):
+            crops[i] = source[:, y : y + t, x : x + t]
+        yield crops
+
+
 def sliding_window_predict(
     image: ArrayLike,
     predictor: Predictor,
@@ -225,11 +307,13 @@ def sliding_window_predict(
     weight: ArrayLike | None = None,
     pad_mode: PadMode | str = PadMode.CONSTANT,
     out_dir: Path | None = None,
+    read_ahead: int = READ_AHEAD_BATCHES,
 ) -> NDArray[np.float32]:
     """Predict a whole image tile by tile and blend the tiles with an importance map.
 
     Windows come from :func:`grid_windows`; each crop is cast to float32 and handed to
-    ``predictor`` in batches (normalization is the predictor's job). Windows without a single
+    ``predictor`` in batches (normalization is the predictor's job), read by a background
+    thread up to ``read_ahead`` batches ahead of the predictor. Windows without a single
     valid pixel are skipped; pixels covered only by skipped windows come out 0. The output is
     not masked by ``valid`` otherwise (post-processing applies the papyrus mask).
 
@@ -252,6 +336,8 @@ def sliding_window_predict(
         weight: (tile_px, tile_px) importance map; default :func:`gaussian_importance`.
         pad_mode: a :class:`PadMode` or its value, ``"constant"`` or ``"reflect"``.
         out_dir: folder for memory-mapped blend canvases (see :class:`BlendAccumulator`).
+        read_ahead: batches read ahead in a background thread (0: read each batch in this
+            thread just before predicting it). The predictor always runs in this thread.
 
     Returns:
         (H, W) float32 array.
@@ -263,6 +349,7 @@ def sliding_window_predict(
         )
     channels, height, width = (int(s) for s in shape)
     batch_size = check_int("batch_size", batch_size, 1, "e.g. 8")
+    read_ahead = check_int("read_ahead", read_ahead, 0, "e.g. 2; 0 reads in this thread")
     mode = check_choice("pad mode", pad_mode, PadMode)
     origins = grid_windows(height, width, tile_px, stride_px)
     t = tile_px
@@ -283,25 +370,22 @@ def sliding_window_predict(
         source = np.pad(small, pad, mode=mode.value)
 
     acc = BlendAccumulator((height, width), t, weight=weight, out_dir=out_dir)
-    # A source with read_windows (VolumeView) reads whole batches and the next one ahead.
-    read_windows = getattr(source, "read_windows", None)
     batches = list(_batches(origins, batch_size))
-    for b, batch in enumerate(batches):
-        if read_windows is not None:
-            coming = batches[b + 1] if b + 1 < len(batches) else None
-            crops = np.asarray(read_windows(batch, t, coming), dtype=np.float32)
-        else:
-            crops = np.empty((len(batch), channels, t, t), dtype=np.float32)
-            for i, (y, x) in enumerate(batch.tolist()):
-                crops[i] = source[:, y : y + t, x : x + t]
-        out = np.asarray(predictor(crops), dtype=np.float32)
-        if out.ndim == 4 and out.shape[1] == 1:
-            out = out[:, 0]
-        if out.shape != (len(batch), t, t):
-            raise InvalidInputError(
-                f"predictor returned shape {out.shape} for a batch of shape {crops.shape}, "
-                f"expected ({len(batch)}, {t}, {t}); return one map per window"
-            )
-        acc.add(out, batch)
+    tiles = _read_batches(source, batches, channels, t)
+    if read_ahead > 0:
+        tiles = read_in_background(tiles, read_ahead)
+    try:
+        for batch, crops in zip(batches, tiles, strict=True):
+            out = np.asarray(predictor(crops), dtype=np.float32)
+            if out.ndim == 4 and out.shape[1] == 1:
+                out = out[:, 0]
+            if out.shape != (len(batch), t, t):
+                raise InvalidInputError(
+                    f"predictor returned shape {out.shape} for a batch of shape {crops.shape}, "
+                    f"expected ({len(batch)}, {t}, {t}); return one map per window"
+                )
+            acc.add(out, batch)
+    finally:
+        tiles.close()  # stops the reading thread when the predictor failed
     acc.flush()
     return acc.result()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 from inkpipe.numerics.blending import (
     BlendAccumulator,
     gaussian_importance,
+    read_in_background,
     sliding_window_predict,
 )
 from inkpipe.pipeline.errors import ConfigError, InvalidInputError
@@ -263,3 +266,114 @@ def test_accumulator_rejects() -> None:
         BlendAccumulator((8, 8), 4, weight=np.zeros((4, 4)))
     with pytest.raises(ConfigError, match="floating"):
         BlendAccumulator((8, 8), 4, dtype=np.int32)
+
+
+# --- reading ahead in a background thread ----------------------------------------------------
+
+
+def test_read_in_background_keeps_order_and_bounds_the_lead() -> None:
+    made: list[int] = []
+    taken: list[int] = []
+
+    def items():
+        for i in range(20):
+            made.append(i)
+            yield i
+
+    for i in read_in_background(items(), depth=2):
+        time.sleep(0.002)
+        # the thread is at most depth ready + the one it is making ahead of the reader
+        assert len(made) - len(taken) <= 4
+        taken.append(i)
+    assert taken == list(range(20))
+
+
+def test_read_in_background_raises_at_the_failing_item() -> None:
+    def items():
+        yield 0
+        yield 1
+        raise OSError("chunk 3 unreadable")
+
+    got = []
+    with pytest.raises(OSError, match="chunk 3 unreadable"):
+        for i in read_in_background(items(), 1):
+            got.append(i)
+    assert got == [0, 1]
+    with pytest.raises(ConfigError, match="depth"):
+        next(read_in_background([], 0))
+
+
+def test_read_in_background_stops_when_the_reader_does() -> None:
+    before = threading.active_count()
+    made: list[int] = []
+
+    def items():
+        for i in range(1000):
+            made.append(i)
+            yield i
+
+    gen = read_in_background(items(), 2)
+    assert next(gen) == 0
+    gen.close()  # joins the thread
+    assert threading.active_count() == before
+    assert len(made) <= 5
+
+
+class SlowView:
+    """A (C, H, W) source with ``read_windows`` that records its thread and takes its time."""
+
+    def __init__(self, image: np.ndarray, delay_s: float = 0.0) -> None:
+        self.image, self.delay_s = image, delay_s
+        self.shape = image.shape
+        self.threads: set[int] = set()
+
+    def read_windows(self, origins, tile_px, read_ahead=None):
+        self.threads.add(threading.get_ident())
+        time.sleep(self.delay_s)
+        t = tile_px
+        return np.stack([self.image[:, y : y + t, x : x + t] for y, x in origins.tolist()])
+
+
+def test_tiles_are_read_in_another_thread_the_predictor_runs_in_this_one() -> None:
+    image = np.random.default_rng(0).random((2, 40, 36)).astype(np.float32)
+    view = SlowView(image)
+    predictor_threads = set()
+
+    def predictor(batch):
+        predictor_threads.add(threading.get_ident())
+        return pointwise(batch)
+
+    ahead = sliding_window_predict(view, predictor, 8, 5, batch_size=3)
+    assert predictor_threads == {threading.get_ident()}
+    assert threading.get_ident() not in view.threads
+    here = sliding_window_predict(SlowView(image), pointwise, 8, 5, batch_size=3, read_ahead=0)
+    np.testing.assert_array_equal(ahead, here)
+    np.testing.assert_allclose(ahead, pointwise(image[None])[0], atol=1e-6)
+
+
+def test_the_predictor_does_not_wait_for_reading() -> None:
+    """Reading 50 ms and predicting 50 ms per batch overlap: ~n x 50 ms, not n x 100 ms."""
+    image = np.zeros((1, 8, 8 * 10), np.float32)  # 10 batches of one window
+
+    def slow_predictor(batch):
+        time.sleep(0.05)
+        return batch[:, 0]
+
+    t0 = time.perf_counter()
+    sliding_window_predict(SlowView(image, 0.05), slow_predictor, 8, 8, batch_size=1)
+    overlapped = time.perf_counter() - t0
+    assert overlapped < 0.85  # serial would be 1.0 s; sleeping needs no free core
+
+
+def test_a_failing_predictor_stops_the_reading_thread() -> None:
+    before = threading.active_count()
+    image = np.zeros((1, 64, 64), np.float32)
+
+    def failing(batch):
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sliding_window_predict(SlowView(image), failing, 8, 4, batch_size=2)
+    assert threading.active_count() == before
+    with pytest.raises(ConfigError, match="read_ahead"):
+        sliding_window_predict(image, pointwise, 8, 4, read_ahead=-1)
