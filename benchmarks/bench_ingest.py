@@ -1,18 +1,28 @@
 """Ingest benchmark at real size: throughput vs cp, peak RSS, store size, crop reads/s.
 
     python benchmarks/bench_ingest.py [--height 8181 --width 6330] [--workdir /tmp/inkbench]
+    python benchmarks/bench_ingest.py --ceiling [--store-dir /dev/shm]   # CPU ceiling
+    python benchmarks/bench_ingest.py --tile-from DIR ...   # build the fragment by tiling DIR
 
 On one real-size synthetic fragment (8181 x 6330 x 65 uint16, ~6.7 GB of TIFFs), from a cold
 page cache: ``cp -r`` + ``sync`` of the TIFFs (this machine's read-and-write limit), then
 ``inkpipe ingest`` + ``sync`` in a fresh process (throughput, peak RSS), the store's size and
 compression ratio, and random 224 x 224 x 10 crop reads per second from the store for the
 default chunking next to two alternatives and next to memmapped raw TIFFs, all on the same
-crops (region-ordered as the training sampler draws them).
+crops (region-ordered as the training sampler draws them). Each ingest also prints where its
+time went (:attr:`~inkpipe.pipeline.ingest.FragmentResult.stages`: the CPU seconds of the
+band stages read, statistics, encode and write, the wall seconds of the rest) and the
+process's CPU seconds.
+
+``--ceiling`` measures what ingest can do when the disk is not the limit: the TIFFs read once
+into the page cache, the store on a RAM disk (``--store-dir``, default ``/dev/shm``: it holds
+the whole store in RAM, so mind its size), no ``cp`` and no crop reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import time
@@ -20,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from _common import RSS_SUFFIX, ensure_fragment, evict, run_measured, tree_bytes
+from _common import RSS_SUFFIX, ensure_fragment, evict, run_measured, tile_fragment, tree_bytes
 
 from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.store import open_fragments
@@ -44,17 +54,62 @@ def ingest_code(
 ) -> str:
     return (
         f"""
-import os
+import json, os, resource
 from pathlib import Path
 from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.store import StoreSettings
 s = StoreSettings(chunk_layers={chunk_layers}, chunk_px={chunk_px}, codec={codec!r},
                   shuffle={shuffle!r})
-ingest(IngestConfig(root=Path({str(root)!r}), out=Path({str(out)!r}), settings=s, workers=2,
-                    progress=False), log=lambda m: None)
+r = ingest(IngestConfig(root=Path({str(root)!r}), out=Path({str(out)!r}), settings=s, workers=2,
+                        progress=False), log=lambda m: None)
 os.sync()
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print("STAGES", json.dumps({{**r[0].stages, "process_cpu": ru.ru_utime + ru.ru_stime}}))
 """
         + RSS_SUFFIX
+    )
+
+
+def stages_of(stdout: str) -> dict[str, float]:
+    """The stage seconds an ingest run printed (``STAGES {json}``)."""
+    for line in stdout.splitlines():
+        if line.startswith("STAGES "):
+            return dict(json.loads(line[len("STAGES ") :]))
+    return {}
+
+
+BAND_STAGES = ("read", "statistics", "encode", "write")
+
+
+def format_stages(stages: dict[str, float]) -> str:
+    """One line: CPU seconds and shares of the band stages, then the other stages' seconds."""
+    band = sum(stages.get(k, 0.0) for k in BAND_STAGES) or 1.0
+    parts = [
+        f"{k} {stages.get(k, 0):.1f} s CPU ({stages.get(k, 0) / band:.0%})" for k in BAND_STAGES
+    ]
+    rest = ("volume_wall", "planes", "windows", "fsync", "process_cpu")
+    parts += [f"{k} {stages[k]:.1f} s" for k in rest if k in stages]
+    return ", ".join(parts)
+
+
+def ceiling(frag: Path, tiffs: list[Path], in_bytes: int, store_dir: Path) -> None:
+    """Ingest with the TIFFs in the page cache and the store on a RAM disk: the CPU ceiling."""
+    out = store_dir / "inkbench_ceiling.zarr"
+    shutil.rmtree(out, ignore_errors=True)
+    for p in tiffs:  # into the page cache
+        with open(p, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    try:
+        secs, rss, stdout = run_measured(ingest_code(frag.parent.parent, out, *ALTERNATIVES[0][1:]))
+        size = tree_bytes(out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    print(
+        f"CPU ceiling (TIFFs in page cache, store in {store_dir}), default settings: "
+        f"{secs:.1f} s, {in_bytes / 1e6 / secs:.0f} MB/s, peak RSS {rss:.0f} MB, "
+        f"store {size / 1e9:.2f} GB\n  stages: {format_stages(stages_of(stdout))}",
+        flush=True,
     )
 
 
@@ -93,12 +148,23 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/inkbench"))
     ap.add_argument("--crops", type=int, default=3000)
     ap.add_argument("--skip-alternatives", action="store_true")
+    ap.add_argument("--ceiling", action="store_true", help="only the CPU ceiling (see above)")
+    ap.add_argument("--store-dir", type=Path, default=Path("/dev/shm"))
+    ap.add_argument(
+        "--tile-from", type=Path, help="build the fragment by tiling this smaller fragment"
+    )
     args = ap.parse_args()
     root = args.workdir / f"frag_{args.height}x{args.width}"
-    frag = ensure_fragment(root, args.height, args.width)
+    if args.tile_from:
+        frag = tile_fragment(args.tile_from, root, args.height, args.width)
+    else:
+        frag = ensure_fragment(root, args.height, args.width)
     tiffs = sorted((frag / "surface_volume").glob("*.tif"))
     in_bytes = sum(p.stat().st_size for p in tiffs)
     print(f"\ninput: {len(tiffs)} slices, {in_bytes / 1e9:.2f} GB")
+    if args.ceiling:
+        ceiling(frag, tiffs, in_bytes, args.store_dir)
+        return
 
     dst = args.workdir / "cp_copy"
     shutil.rmtree(dst, ignore_errors=True)
@@ -125,7 +191,9 @@ def main() -> None:
         out = args.workdir / store_name(cl, cp_, codec, shuffle)
         shutil.rmtree(out, ignore_errors=True)
         evict(tiffs)
-        secs, rss, _ = run_measured(ingest_code(frag.parent.parent, out, cl, cp_, codec, shuffle))
+        secs, rss, stdout = run_measured(
+            ingest_code(frag.parent.parent, out, cl, cp_, codec, shuffle)
+        )
         vol_bytes = tree_bytes(out / "1" / "volume")
         cached, naive = crop_rates(out, crops, layers)
         rows.append(
@@ -143,7 +211,8 @@ def main() -> None:
         print(
             f"{label}: ingest {secs:.1f} s ({in_bytes / 1e6 / secs:.0f} MB/s, {in_bytes / 1e6 / secs / cp_rate:.2f}x cp), "
             f"peak RSS {rss:.0f} MB, store {tree_bytes(out) / 1e9:.2f} GB, ratio {in_bytes / vol_bytes:.3f}, "
-            f"crops/s cached {cached:.0f}, naive {naive:.0f}",
+            f"crops/s cached {cached:.0f}, naive {naive:.0f}\n  stages: "
+            f"{format_stages(stages_of(stdout))}",
             flush=True,
         )
         if i:

@@ -75,15 +75,17 @@ class StoreSettings:
     Defaults are the ones ``benchmarks/bench_ingest.py`` justifies (see the README): chunks of
     4 layers x 512 x 512 px keep the waste of reading an arbitrary 10-layer range at 20 % and let
     most 224 px crops fall in one or two chunks. The synthetic benchmark volume compresses
-    0-12 % losslessly whatever the codec, so the codec is chosen for speed: LZ4 with byte
-    shuffle decodes at ~10 GB/s a thread (about a memory copy), 4x faster than LZ4 with
-    bit-shuffle, which stored 8 % less there and is one ``--shuffle bitshuffle`` away.
+    0-12 % losslessly whatever the codec, and LZ4 with byte shuffle stores it (and real CT) at
+    ratio 1.00 while its encoding cost ingest a quarter of its CPU; so the default level is 0:
+    Blosc stores each chunk as is (a copy to write and to read, still in a Blosc frame, so
+    ``--clevel``/``--codec``/``--shuffle`` only change the numbers). LZ4 with bit-shuffle stored
+    8 % less there: ``--clevel 5 --shuffle bitshuffle`` trades ingest and read speed for that.
     """
 
     chunk_layers: int = 4
     chunk_px: int = 512
     codec: Codec = Codec.LZ4
-    clevel: int = 5
+    clevel: int = 0
     shuffle: Shuffle = Shuffle.SHUFFLE
     tile_px: int = 224
     stride_px: int = 112
