@@ -37,20 +37,27 @@ from inkpipe.pipeline.store import open_fragments
 from inkpipe.pipeline.volume import BlockCache
 from inkpipe.train.data import WindowSampler, WindowSet
 
-ALTERNATIVES = [  # (label, chunk_layers, chunk_px, codec, shuffle)
-    ("4x512x512 lz4 + byte shuffle (default)", 4, 512, "lz4", "shuffle"),
-    ("4x512x512 lz4 + bit-shuffle", 4, 512, "lz4", "bitshuffle"),
-    ("8x256x256 zstd + bit-shuffle", 8, 256, "zstd", "bitshuffle"),
+ALTERNATIVES = [  # (label, chunk_layers, chunk_px, codec, clevel, shuffle)
+    ("4x512x512 stored as is, level 0 (default)", 4, 512, "lz4", 0, "shuffle"),
+    ("4x512x512 lz4-5 + byte shuffle (the old default)", 4, 512, "lz4", 5, "shuffle"),
+    ("4x512x512 lz4-5 + bit-shuffle", 4, 512, "lz4", 5, "bitshuffle"),
+    ("8x256x256 zstd-5 + bit-shuffle", 8, 256, "zstd", 5, "bitshuffle"),
 ]
 
 
-def store_name(chunk_layers: int, chunk_px: int, codec: str, shuffle: str) -> str:
+def store_name(chunk_layers: int, chunk_px: int, codec: str, clevel: int, shuffle: str) -> str:
     """The folder name a store of these settings gets in the work folder."""
-    return f"store_{chunk_layers}_{chunk_px}_{codec}_{shuffle}.zarr"
+    return f"store_{chunk_layers}_{chunk_px}_{codec}{clevel}_{shuffle}.zarr"
 
 
 def ingest_code(
-    root: Path, out: Path, chunk_layers: int, chunk_px: int, codec: str, shuffle: str
+    root: Path,
+    out: Path,
+    chunk_layers: int,
+    chunk_px: int,
+    codec: str,
+    clevel: int,
+    shuffle: str,
 ) -> str:
     return (
         f"""
@@ -59,7 +66,7 @@ from pathlib import Path
 from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.store import StoreSettings
 s = StoreSettings(chunk_layers={chunk_layers}, chunk_px={chunk_px}, codec={codec!r},
-                  shuffle={shuffle!r})
+                  clevel={clevel}, shuffle={shuffle!r})
 r = ingest(IngestConfig(root=Path({str(root)!r}), out=Path({str(out)!r}), settings=s, workers=2,
                         progress=False), log=lambda m: None)
 os.sync()
@@ -148,6 +155,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/inkbench"))
     ap.add_argument("--crops", type=int, default=3000)
     ap.add_argument("--skip-alternatives", action="store_true")
+    ap.add_argument("--rows", type=int, default=len(ALTERNATIVES), help="first N settings only")
     ap.add_argument("--ceiling", action="store_true", help="only the CPU ceiling (see above)")
     ap.add_argument("--store-dir", type=Path, default=Path("/dev/shm"))
     ap.add_argument(
@@ -185,14 +193,14 @@ def main() -> None:
         np.int32
     )
     crops = WindowSampler([WindowSet(0, (h, w), win)], 224, args.crops, 16, seed=0).draw(0)
-    for i, (label, cl, cp_, codec, shuffle) in enumerate(ALTERNATIVES):
-        if i and args.skip_alternatives:
+    for i, (label, cl, cp_, codec, clevel, shuffle) in enumerate(ALTERNATIVES):
+        if (i and args.skip_alternatives) or i >= args.rows:
             break
-        out = args.workdir / store_name(cl, cp_, codec, shuffle)
+        out = args.workdir / store_name(cl, cp_, codec, clevel, shuffle)
         shutil.rmtree(out, ignore_errors=True)
         evict(tiffs)
         secs, rss, stdout = run_measured(
-            ingest_code(frag.parent.parent, out, cl, cp_, codec, shuffle)
+            ingest_code(frag.parent.parent, out, cl, cp_, codec, clevel, shuffle)
         )
         vol_bytes = tree_bytes(out / "1" / "volume")
         cached, naive = crop_rates(out, crops, layers)

@@ -137,7 +137,11 @@ def binarize_grey(grey: NDArray[np.uint8], where: str, *, all_set_ok: bool = Tru
     Raises:
         InvalidInputError: the values fit no rule (see the module docstring).
     """
-    hist = np.bincount(grey.reshape(-1), minlength=256)
+    flat = grey.reshape(-1)
+    hist = np.zeros(256, dtype=np.int64)
+    step = 1 << 22  # bincount widens its input to int64: 8 bytes a pixel, so a slice at a time
+    for i in range(0, flat.size, step):
+        hist += np.bincount(flat[i : i + step], minlength=256)
     values = np.flatnonzero(hist)
     if hist[2:].sum() == 0:
         image = BinaryImage(grey.astype(np.uint8, copy=True), "0/1")
@@ -161,7 +165,7 @@ def binarize_grey(grey: NDArray[np.uint8], where: str, *, all_set_ok: bool = Tru
                 f"0 nor 255, expected a black-and-white image (at most {MAX_GREY_FRACTION:.0%} "
                 "anti-aliased); pass the mask or label image"
             )
-        image = BinaryImage((grey > 127).astype(np.uint8), ">127")
+        image = BinaryImage(np.greater(grey, 127).view(np.uint8), ">127")  # 0/1, no copy
     return _check_all_set(image, where, all_set_ok)
 
 

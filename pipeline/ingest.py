@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import zarr
 from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
-from .chunks import ChunkWriter
+from .chunks import ChunkWriter, mapped_empty
 from .disk import block_bytes, check_free, disk_full_as_error
 from .errors import InvalidInputError
 from .fragments import CheckedFragment, FragmentSource, check_fragment, discover_fragments
@@ -44,10 +44,11 @@ from .store import (
     write_table,
     write_windows,
 )
-from .tiff import SliceInfo, read_rows
+from .tiff import SliceInfo, read_rows_into
 from .windows import INK_PX, index_windows
 
 HIST_BINS = 65536  # layer histograms: one bin per uint16 value
+HIST_SLICE_PX = 1 << 20  # pixels histogrammed at once (bincount's int64 copy: 8 MB)
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,6 @@ def _ingest_one(
     binarization: dict[str, str] = {"mask": mask_image.rule}
     if label_image is not None:
         binarization["labels"] = label_image.rule
-    ir = read_gray(src.ir_path, "IR image") if src.ir_path else None
     if frag.shape[0] != 65:
         log(f"fragment {src.id}: {frag.shape[0]} layers (the Kaggle fragments have 65)")
     meta = FragmentMeta(
@@ -319,36 +319,42 @@ def _ingest_one(
         group=src.group,
         shape=frag.shape,
         has_labels=labels is not None,
-        has_ir=ir is not None,
+        has_ir=src.ir_path is not None,
         sources=signature,
         settings=asdict(settings),
         binarization=binarization,
         extra={"source_dir": str(src.path.resolve()), "dtype": frag.dtype},
     )
-    group = begin_fragment(root, meta, settings)
-    volume_path = Path(cfg.out).resolve() / src.id / "volume"  # absolute: remote dask workers
-    volume = group["volume"]
-    writer = ChunkWriter.for_array(volume) if isinstance(volume, zarr.Array) else None
+    # The 2-D images first, each freed once written, so that only the mask (for the
+    # statistics) is held while the volume is copied: at 14830 x 9506 px a plane is 141 MB.
     t1 = time.perf_counter()
-    stats, stages = _write_volume(volume_path, frag, mask, settings, cfg, client, writer)
-    stages["volume_wall"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    write_plane(group, "mask", mask, settings.chunk_px)
-    if labels is not None:
-        write_plane(group, "labels", labels & mask, settings.chunk_px)
-    if ir is not None:
-        write_plane(group, "ir", ir, settings.chunk_px)
-    t2 = time.perf_counter()
     windows = index_windows(
         mask, labels, settings.tile_px, settings.stride_px, settings.min_coverage
     )
+    t2 = time.perf_counter()
+    group = begin_fragment(root, meta, settings)
+    write_plane(group, "mask", mask, settings.chunk_px)
+    if labels is not None:
+        labels = np.bitwise_and(labels, mask, out=labels if labels.flags.writeable else None)
+        write_plane(group, "labels", labels, settings.chunk_px)
+    del labels, label_image
+    if src.ir_path is not None:
+        write_plane(group, "ir", read_gray(src.ir_path, "IR image"), settings.chunk_px)
+    t3 = time.perf_counter()
+    volume_path = Path(cfg.out).resolve() / src.id / "volume"  # absolute: remote dask workers
+    volume = group["volume"]
+    writer = ChunkWriter.for_array(volume) if isinstance(volume, zarr.Array) else None
+    t4 = time.perf_counter()
+    stats, stages = _write_volume(volume_path, frag, mask, settings, cfg, client, writer)
+    stages["volume_wall"] = time.perf_counter() - t4
+    t4 = time.perf_counter()
     write_windows(group, windows, settings)
     write_table(group, "layer_stats", stats, {"columns": list(STAT_COLUMNS)})
-    t3 = time.perf_counter()
+    t5 = time.perf_counter()
     # The chunk files reach the disk before the completion marker says they are there.
     sync_filesystem(Path(cfg.out))
-    t4 = time.perf_counter()
-    stages.update(planes=t2 - t1, windows=t3 - t2, fsync=t4 - t3)
+    t6 = time.perf_counter()
+    stages.update(planes=t3 - t2, windows=(t2 - t1) + (t5 - t4), fsync=t6 - t5)
     seconds = time.perf_counter() - t0
     meta = replace(meta, extra={**meta.extra, "ingest_seconds": round(seconds, 3)})
     finish_fragment(root, group, meta)
@@ -413,42 +419,51 @@ def copy_band(
     z0, z1, y0, y1 = band
     clock = time.thread_time  # CPU time of this thread: shares that other load does not skew
     t0 = clock()
-    data = np.stack([read_rows(slices[z], y0, y1) for z in range(z0, z1)])
-    if data.dtype != np.uint16:
-        data = data.astype(np.uint16)
+    # In its own mapping, returned to the system when freed (malloc may keep a freed band).
+    data = mapped_empty((z1 - z0, y1 - y0, slices[0].shape[1]))
+    for z in range(z0, z1):
+        read_rows_into(slices[z], y0, y1, data[z - z0])
     t1 = clock()
     sums, hists = summarize_band(data, mask_band)
     t2 = clock()
     if writer is None:
         zarr.open_array(volume_path, mode="r+")[z0:z1, y0:y1, :] = data
         t3 = t4 = clock()
+        seconds = np.array([t1 - t0, t2 - t1, 0.0, t4 - t2])
     else:
-        encoded = _encode_band(writer, data, band)
-        t3 = clock()
-        for index, chunk in encoded:
-            writer.write(index, chunk)
-        t4 = clock()
-    seconds = np.array([t1 - t0, t2 - t1, t3 - t2, t4 - t3])
+        encode_s, write_s = 0.0, 0.0
+        for index, chunk in band_chunks(writer.chunks, data, band):
+            t3 = clock()
+            encoded = writer.encode(chunk)
+            t4 = clock()
+            writer.write(index, encoded)  # one chunk at a time: no band of encoded bytes held
+            encode_s, write_s = encode_s + t4 - t3, write_s + clock() - t4
+        seconds = np.array([t1 - t0, t2 - t1, encode_s, write_s])
     return BandResult(z0, sums, hists, seconds)
 
 
-def _encode_band(
-    writer: ChunkWriter, data: NDArray[np.uint16], band: tuple[int, int, int, int]
-) -> list[tuple[tuple[int, int, int], bytes | None]]:
-    """Encode a chunk-aligned (k, h, W) band into its chunks' file bytes, edge chunks padded."""
+def band_chunks(
+    chunks: tuple[int, int, int], data: NDArray[np.uint16], band: tuple[int, int, int, int]
+) -> Iterator[tuple[tuple[int, int, int], NDArray[np.uint16]]]:
+    """Yield the grid index and the whole (cz, cy, cx) C-contiguous chunks of a band.
+
+    Args:
+        chunks: the volume's chunk shape (cz, cy, cx).
+        data: (k, h, W) uint16 chunk-aligned band ``band`` = (z0, z1, y0, y1).
+        band: where the band lies; past the volume's edge chunks hold the fill value (0),
+            as Zarr pads them.
+    """
     z0, _, y0, _ = band
-    cz, cy, cx = writer.chunks
+    cz, cy, cx = chunks
     k, h, w = data.shape
-    out = []
     for x0 in range(0, w, cx):
         part = data[:, :, x0 : x0 + cx]
         if part.shape == (cz, cy, cx):
             chunk = np.ascontiguousarray(part)
-        else:  # past the volume's edge a chunk holds the fill value, as Zarr pads it
+        else:
             chunk = np.zeros((cz, cy, cx), dtype=np.uint16)
             chunk[:k, :h, : part.shape[2]] = part
-        out.append(((z0 // cz, y0 // cy, x0 // cx), writer.encode(chunk)))
-    return out
+        yield (z0 // cz, y0 // cy, x0 // cx), chunk
 
 
 @dataclass(frozen=True)
@@ -505,9 +520,13 @@ def summarize_band(
     n_inside = int(np.count_nonzero(inside))
     if n_inside:
         whole = n_inside == inside.size  # no gather where the band is all papyrus
+        # bincount widens its input to int64 (4x a uint16 layer): a slice of rows at a time
+        rows = max(1, HIST_SLICE_PX // max(data.shape[2], 1))
         for i in range(k):
-            values = data[i].ravel() if whole else data[i][inside]
-            hists[i] = np.bincount(values, minlength=HIST_BINS)
+            for r in range(0, data.shape[1], rows):
+                part, where = data[i, r : r + rows], inside[r : r + rows]
+                values = part.ravel() if whole else part[where]
+                hists[i] += np.bincount(values, minlength=HIST_BINS)
     levels = np.arange(HIST_BINS, dtype=np.int64)
     # Per band, count * 65535**2 < 2**63 for any band under 2**31 px: exact in int64.
     sums = np.column_stack([hists.sum(axis=1), hists @ levels, hists @ (levels * levels)]).astype(
@@ -538,7 +557,7 @@ def layer_statistics(sums: NDArray[np.float64], hists: NDArray[np.int64]) -> NDA
     return np.column_stack([mean, std, p01.astype(np.float64), p99.astype(np.float64)])
 
 
-REDUCE_FAN_IN = 8  # band results summed 8 at a time: few histograms are held at once
+REDUCE_FAN_IN = 8  # band results of the same layers summed 8 at a time
 
 
 def _write_volume(
@@ -570,10 +589,19 @@ def _write_volume(
         leave=False,
     )
     add = dask.delayed(BandResult.add, pure=True)
-    level: list[Any] = tasks
-    while len(level) > 1:  # neighbours in row order: their layer ranges overlap
-        level = [add(*level[i : i + REDUCE_FAN_IN]) for i in range(0, len(level), REDUCE_FAN_IN)]
-    root = level[0]
+    # Sum the bands of each layer range first, so that every partial sum holds only the
+    # histograms of its few layers; then one sum over the ranges.
+    by_layers: dict[int, list[Any]] = {}
+    for t, b in zip(tasks, bands):
+        by_layers.setdefault(b[0], []).append(t)
+    partial = []
+    for level in by_layers.values():
+        while len(level) > 1:
+            level = [
+                add(*level[i : i + REDUCE_FAN_IN]) for i in range(0, len(level), REDUCE_FAN_IN)
+            ]
+        partial.append(level[0])
+    root = add(*partial)
     try:
         if client is not None:
             from distributed import as_completed

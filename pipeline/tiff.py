@@ -108,6 +108,29 @@ def read_rows(info: SliceInfo, y0: int, y1: int) -> NDArray:
     return _read_rows_decoded(info, y0, y1)
 
 
+def read_rows_into(info: SliceInfo, y0: int, y1: int, out: NDArray) -> None:
+    """Read rows ``[y0, y1)`` of a slice into ``out``, a C-contiguous (y1 - y0, W) array.
+
+    A contiguous little-endian slice is read straight into ``out`` (one ``preadv``, no copy);
+    any other is read by :func:`read_rows` and copied in (converted to ``out``'s dtype).
+    """
+    height, width = info.shape
+    dtype = np.dtype(info.dtype).newbyteorder(info.byteorder)
+    if info.offset >= 0 and dtype.isnative and np.dtype(out.dtype) == dtype:
+        view = out.data.cast("B")
+        fd = os.open(info.path, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [view], info.offset + y0 * width * dtype.itemsize)
+        finally:
+            os.close(fd)
+        if got != len(view):
+            raise InvalidInputError(
+                f"slice {info.path} is truncated near row {y0}; re-download or re-export it"
+            )
+        return
+    out[...] = read_rows(info, y0, y1)
+
+
 def _read_rows_decoded(info: SliceInfo, y0: int, y1: int) -> NDArray:
     """Decode only the strips covering rows ``[y0, y1)`` (fallback for compressed slices)."""
     try:
