@@ -172,6 +172,16 @@ class BlockCache:
         return self.scheduler.read_batch(crops, tile_px, then, transform)
 
 
+def plane_slices(key: Any, shape: tuple[int, ...], what: str) -> tuple[int, int, int, int]:
+    """Check a ``[:, y0:y1, x0:x1]`` key of a (k, H, W) view; return (y0, y1, x0, x1) clipped."""
+    if not (isinstance(key, tuple) and len(key) == 3 and key[0] == slice(None)):
+        raise InvalidInputError(f"{what} supports view[:, y0:y1, x0:x1], got {key!r}")
+    ys, xs = key[1], key[2]
+    y0, y1 = ys.start or 0, min(ys.stop, shape[1])
+    x0, x1 = xs.start or 0, min(xs.stop, shape[2])
+    return y0, y1, x0, x1
+
+
 class VolumeView:
     """A fragment's layer range as a lazily read, normalised (k, H, W) float32 array.
 
@@ -202,11 +212,7 @@ class VolumeView:
 
     def __getitem__(self, key: Any) -> NDArray[np.float32]:
         """Return ``view[:, ys, xs]`` for unit-step slices, zero-padded past the edges."""
-        if not (isinstance(key, tuple) and len(key) == 3 and key[0] == slice(None)):
-            raise InvalidInputError(f"VolumeView supports view[:, y0:y1, x0:x1], got {key!r}")
-        ys, xs = key[1], key[2]
-        y0, y1 = ys.start or 0, min(ys.stop, self.shape[1])
-        x0, x1 = xs.start or 0, min(xs.stop, self.shape[2])
+        y0, y1, x0, x1 = plane_slices(key, self.shape, "VolumeView")
         size = max(y1 - y0, x1 - x0)
         raw = self.cache.read(0, y0, x0, size)[:, : y1 - y0, : x1 - x0]
         return self.normalizer(raw)
@@ -263,11 +269,7 @@ class RegionView:
 
     def __getitem__(self, key: Any) -> NDArray[np.float32]:
         """Return ``region[:, ys, xs]`` for unit-step slices, clipped to the region."""
-        if not (isinstance(key, tuple) and len(key) == 3 and key[0] == slice(None)):
-            raise InvalidInputError(f"RegionView supports view[:, y0:y1, x0:x1], got {key!r}")
-        ys, xs = key[1], key[2]
-        y0, y1 = ys.start or 0, min(ys.stop, self.shape[1])
-        x0, x1 = xs.start or 0, min(xs.stop, self.shape[2])
+        y0, y1, x0, x1 = plane_slices(key, self.shape, "RegionView")
         oy, ox = self.y0, self.x0
         return self.view[:, oy + y0 : oy + y1, ox + x0 : ox + x1]
 
