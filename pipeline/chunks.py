@@ -340,14 +340,19 @@ class ChunkWriter:
             str(getattr(codec.shuffle, "value", codec.shuffle)),
         )
 
-    def encode(self, chunk: NDArray[np.uint16]) -> bytes | None:
-        """Return one whole (cz, cy, cx) C-contiguous uint16 chunk's file bytes; None if all 0."""
-        data = blosc.compress(
-            chunk, self.cname.encode(), self.clevel, BLOSC_SHUFFLES[self.shuffle], 0
-        )
+    def encode(self, chunk: NDArray[np.uint16], padded: bool = False) -> bytes | None:
+        """Return one whole (cz, cy, cx) C-contiguous uint16 chunk's file bytes; None if all 0.
+
+        A ``padded`` chunk (one past the volume's edge, partly fill) is compressed at level 1
+        at least, even in an array of level 0: its fill compresses to nearly nothing (at the
+        size of fragment 1, padding is 10 % of the chunks' bytes). Any Blosc decoder reads it,
+        as a Blosc frame says how it was compressed.
+        """
+        clevel = max(self.clevel, 1) if padded else self.clevel
+        data = blosc.compress(chunk, self.cname.encode(), clevel, BLOSC_SHUFFLES[self.shuffle], 0)
         # Only a chunk that compressed well can be all zeros: test those alone (at level 0
         # nothing compresses, so test all).
-        if (self.clevel == 0 or len(data) < chunk.nbytes // 2) and not chunk.any():
+        if (clevel == 0 or len(data) < chunk.nbytes // 2) and not chunk.any():
             return None
         return bytes(data)
 

@@ -432,9 +432,9 @@ def copy_band(
         seconds = np.array([t1 - t0, t2 - t1, 0.0, t4 - t2])
     else:
         encode_s, write_s = 0.0, 0.0
-        for index, chunk in band_chunks(writer.chunks, data, band):
+        for index, chunk, padded in band_chunks(writer.chunks, data, band):
             t3 = clock()
-            encoded = writer.encode(chunk)
+            encoded = writer.encode(chunk, padded)
             t4 = clock()
             writer.write(index, encoded)  # one chunk at a time: no band of encoded bytes held
             encode_s, write_s = encode_s + t4 - t3, write_s + clock() - t4
@@ -444,8 +444,8 @@ def copy_band(
 
 def band_chunks(
     chunks: tuple[int, int, int], data: NDArray[np.uint16], band: tuple[int, int, int, int]
-) -> Iterator[tuple[tuple[int, int, int], NDArray[np.uint16]]]:
-    """Yield the grid index and the whole (cz, cy, cx) C-contiguous chunks of a band.
+) -> Iterator[tuple[tuple[int, int, int], NDArray[np.uint16], bool]]:
+    """Yield the grid index, the whole (cz, cy, cx) C-contiguous chunk and whether it is padded.
 
     Args:
         chunks: the volume's chunk shape (cz, cy, cx).
@@ -459,11 +459,11 @@ def band_chunks(
     for x0 in range(0, w, cx):
         part = data[:, :, x0 : x0 + cx]
         if part.shape == (cz, cy, cx):
-            chunk = np.ascontiguousarray(part)
+            chunk, padded = np.ascontiguousarray(part), False
         else:
-            chunk = np.zeros((cz, cy, cx), dtype=np.uint16)
+            chunk, padded = np.zeros((cz, cy, cx), dtype=np.uint16), True
             chunk[:k, :h, : part.shape[2]] = part
-        yield (z0 // cz, y0 // cy, x0 // cx), chunk
+        yield (z0 // cz, y0 // cy, x0 // cx), chunk, padded
 
 
 @dataclass(frozen=True)
