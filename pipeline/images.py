@@ -97,6 +97,8 @@ def _grey_channel(im: Image.Image, path: Path, what: str) -> NDArray[np.uint8]:
         raise InvalidInputError(
             f"{what} {path} is a {kind} image, expected 8-bit grey or 1-bit; {_BINARY_FIX}"
         )
+    if im.mode == "L":  # the common case: no split, which would copy the image once more
+        return np.asarray(im, dtype=np.uint8)
     if im.mode == "P":
         im = im.convert("RGBA")
     if im.mode not in ("L", "LA", "RGB", "RGBA"):
