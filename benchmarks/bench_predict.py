@@ -13,7 +13,7 @@ Keeping the model busy (in this process, first): a RATIO-SIZE x RATIO-SIZE x 65 
 ``inkpipe synth``, ingested, layers 28:38, 64 px tiles (the CPU recipe's) at overlap 0.5,
 batch 16, for the CPU recipe's model (``stem3d``, small 2-D U-Net, output stride 4) and a 2-D
 model (``attention-unet`` at widths 16/32/64), untrained, each TTA mode. Three things are
-timed, interleaved REPS times, best of each: the bare forward (``model(batch)`` alone, on the
+timed, interleaved REPS times and summed: the bare forward (``model(batch)`` alone, on the
 same windows held in memory as one tensor, the TTA batches made beforehand), the tiled
 prediction of the whole fragment as ``predict`` runs it (``sliding_window_predict`` on a
 ``VolumeView`` with the fragment's papyrus mask, through ``build_predictor``), and the whole
@@ -64,6 +64,7 @@ import numpy as np
 import torch
 from _common import REAL_H, REAL_W, RSS_SUFFIX, run_measured
 
+from inkpipe.infer import predict as predict_module
 from inkpipe.infer.predict import (
     PredictConfig,
     build_predictor,
@@ -75,6 +76,7 @@ from inkpipe.infer.predict import (
 from inkpipe.numerics.blending import sliding_window_predict
 from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.layers import LayerRange
+from inkpipe.pipeline.memory import retain_freed_memory
 from inkpipe.pipeline.store import (
     Fragment,
     FragmentMeta,
@@ -255,14 +257,19 @@ def make_ratio_store(workdir: Path, size: int) -> Path:
     return store
 
 
-def tta_inputs(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
-    """The batches TTA hands to the model: flips (and rotations) of ``x``."""
-    flips = [x, x.flip(-1), x.flip(-2), x.flip(-2, -1)]
+def tta_transforms(tta: str) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The flips (and rotations) TTA applies to a batch before the model sees it."""
+    flips = [
+        lambda x: x.clone(),
+        lambda x: x.flip(-1),
+        lambda x: x.flip(-2),
+        lambda x: x.flip(-2, -1),
+    ]
     if tta == "none":
         return flips[:1]
     if tta == "flips":
         return flips
-    return flips + [torch.rot90(f, 1, dims=(-2, -1)) for f in flips]
+    return flips + [lambda x, f=f: torch.rot90(f(x), 1, dims=(-2, -1)) for f in flips]
 
 
 def bare_forward_seconds(
@@ -270,18 +277,53 @@ def bare_forward_seconds(
 ) -> tuple[float, float]:
     """(wall, CPU) seconds of ``model(batch)`` alone over ``tiles`` (in memory), as predict batches.
 
-    Only the forward calls are timed: the TTA inputs are made beforehand, no upsampling, no
-    sigmoid, no copies.
+    Only the forward calls are timed: each input (a fresh copy of the batch, or its flip) is
+    made just before, untimed, so it is as warm in the cache as in the pipeline; no
+    upsampling, no sigmoid, no copies to or from the host.
     """
     wall = cpu = 0.0
+    transforms = tta_transforms(tta)
     with torch.inference_mode():
         for lo in range(0, len(tiles), RATIO_BATCH):
-            for x in tta_inputs(tiles[lo : lo + RATIO_BATCH], tta):
+            batch = tiles[lo : lo + RATIO_BATCH]
+            for transform in transforms:
+                x = transform(batch)
                 t0, c0 = time.perf_counter(), time.process_time()
                 model(x)
                 wall += time.perf_counter() - t0
                 cpu += time.process_time() - c0
     return wall, cpu
+
+
+class TimedModel(torch.nn.Module):
+    """A model that adds up the CPU time of this thread spent in its forward calls."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.cpu = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.thread_time()
+        y = self.model(x)
+        self.cpu += time.thread_time() - t0
+        return y
+
+
+def timed_predictor(loaded, tta: str, options: dict) -> tuple[Callable, list[TimedModel]]:
+    """``build_predictor``, with each model wrapped in a :class:`TimedModel`."""
+    made: list[TimedModel] = []
+    original = predict_module.model_from_checkpoint
+
+    def timed(ck):
+        made.append(TimedModel(original(ck)))
+        return made[-1]
+
+    predict_module.model_from_checkpoint = timed
+    try:
+        return build_predictor(loaded, "cpu", tta, **options), made
+    finally:
+        predict_module.model_from_checkpoint = original
 
 
 def pipeline_seconds(
@@ -308,6 +350,7 @@ def run_ratio(
     ``options`` go to ``build_predictor`` and ``PredictConfig`` (e.g. ``precision``,
     ``compile``); the bare forward runs under the same autocast.
     """
+    retain_freed_memory()  # as predict() does: every run below allocates the same way
     t0 = time.perf_counter()
     store = make_ratio_store(workdir, size)
     frag = open_fragment(open_store(store), "f")
@@ -343,7 +386,7 @@ def run_ratio(
                 return bare_forward_seconds(model, x, tta)
 
         for tta in ttas:
-            predictor = build_predictor(loaded, "cpu", tta, **options)
+            predictor, timed = timed_predictor(loaded, tta, options)
             for n in (RATIO_BATCH, len(tiles) % RATIO_BATCH or RATIO_BATCH):
                 predictor(tiles[:n].numpy())  # warm up (compile): full and last batch shapes
                 bare_run(tiles[:n], tta)
@@ -358,17 +401,20 @@ def run_ratio(
                 progress=False,
                 **options,
             )
-            pipe, bare, whole = [], [], []
+            pipe, bare, whole, busy = [], [], [], []
             for _ in range(reps):  # interleaved, so a busy spell on the machine hits all
+                timed[0].cpu = 0.0
                 pipe.append(pipeline_seconds(frag, predictor, RATIO_TILE, stride))
+                busy.append(timed[0].cpu / pipe[-1][1])
                 bare.append(bare_run(tiles, tta))
                 w0, c0 = time.perf_counter(), time.process_time()
                 predict(cfg, log=lambda s: None)
                 whole.append((time.perf_counter() - w0, time.process_time() - c0))
             mpx = size * size / 1e6
-            bare_wall, bare_cpu = (min(b[i] for b in bare) for i in (0, 1))
-            pipe_wall, pipe_cpu = (min(p[i] for p in pipe) for i in (0, 1))
-            whole_wall, whole_cpu = (min(p[i] for p in whole) for i in (0, 1))
+            # sums over the interleaved runs: a busy spell of the machine weighs on all three
+            bare_wall, bare_cpu = (sum(b[i] for b in bare) / reps for i in (0, 1))
+            pipe_wall, pipe_cpu = (sum(p[i] for p in pipe) / reps for i in (0, 1))
+            whole_wall, whole_cpu = (sum(p[i] for p in whole) / reps for i in (0, 1))
             row = {
                 "model": name,
                 "tta": tta,
@@ -380,6 +426,7 @@ def run_ratio(
                 "e2e": mpx / whole_cpu,
                 "ratio_e2e": bare_cpu / whole_cpu,
                 "ratio_e2e_wall": bare_wall / whole_wall,
+                "busy": sum(busy) / reps,
             }
             rows.append(row)
             runs = ", ".join(
@@ -388,7 +435,8 @@ def run_ratio(
             )
             print(
                 f"{name}, TTA {tta}: CPU s bare {bare_cpu:.1f}, tiled {pipe_cpu:.1f} (ratio "
-                f"{row['ratio']:.3f}), predict() {whole_cpu:.1f} (ratio {row['ratio_e2e']:.3f}); "
+                f"{row['ratio']:.3f}, model busy {row['busy']:.3f}), predict() {whole_cpu:.1f} "
+                f"(ratio {row['ratio_e2e']:.3f}); "
                 f"wall ratios {row['ratio_wall']:.3f}, {row['ratio_e2e_wall']:.3f}; runs (wall, "
                 f"CPU): {runs}",
                 flush=True,
@@ -400,25 +448,27 @@ def print_ratio(rows: list[dict], size: int, threads: int, options: dict) -> Non
     print(
         f"\n### Keeping the model busy: {size} x {size} px synthetic fragment (inkpipe synth), "
         f"layers {LAYERS}, {RATIO_TILE} px tiles, stride {stride_for(RATIO_TILE, 0.5)} px, batch "
-        f"{RATIO_BATCH}, CPU, {threads} torch thread(s), {options or 'default options'}; best "
+        f"{RATIO_BATCH}, CPU, {threads} torch thread(s), {options or 'default options'}; means "
         "of the interleaved runs, Mpx/s of CPU time\n"
     )
     print(
         "| model | TTA | windows | bare forward Mpx/s | tiled prediction Mpx/s | ratio | "
-        "predict() Mpx/s | ratio | wall-clock ratios |"
+        "model busy | predict() Mpx/s | ratio | wall-clock ratios |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['tta']} | {r['windows']} | {r['bare']:.3f} | {r['pipe']:.3f} | "
-            f"{r['ratio']:.3f} | {r['e2e']:.3f} | {r['ratio_e2e']:.3f} | "
+            f"{r['ratio']:.3f} | {r['busy']:.3f} | {r['e2e']:.3f} | {r['ratio_e2e']:.3f} | "
             f"{r['ratio_wall']:.3f}, {r['ratio_e2e_wall']:.3f} |"
         )
     print(
         "\nbare forward = model(batch) alone on the same windows held in memory as a tensor (the "
         "TTA batches made beforehand); tiled prediction = store -> chunk cache -> windows -> "
         "model, TTA, upsampling, sigmoid -> Gaussian blending; predict() = the whole command "
-        "for this fragment (also loading the checkpoint, post-processing, pictures, RLE). CPU "
+        "for this fragment (also loading the checkpoint, post-processing, pictures, RLE); model "
+        "busy = the CPU time of the model's forward calls inside the tiled prediction / the "
+        "CPU time of that run (measured in the same run, so immune to others' load). CPU "
         "time counts every thread of the process (one core when pinned), so other processes "
         "on the core do not count; wall-clock ratios follow."
     )

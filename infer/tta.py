@@ -56,10 +56,12 @@ _TRANSFORMS: dict[TtaMode, tuple[_Transform, ...]] = {
 }
 
 
-def _hflip(x: Array) -> Array:
+def _flip(x: Array, dims: tuple[int, ...]) -> Array:
+    if not dims:
+        return x
     if isinstance(x, torch.Tensor):
-        return torch.flip(x, dims=(-1,))
-    return np.flip(x, axis=-1)
+        return torch.flip(x, dims=dims)
+    return np.flip(x, axis=dims)
 
 
 def _rot90(x: Array, k: int) -> Array:
@@ -70,17 +72,36 @@ def _rot90(x: Array, k: int) -> Array:
     return np.rot90(x, k, axes=(-2, -1))
 
 
+def _flip_dims(transform: _Transform) -> tuple[int, ...] | None:
+    """Return the axes one flip reverses to do ``transform`` (its own inverse), or None.
+
+    None for the odd rotations. rot180 reverses both axes and the horizontal flip x, so
+    rot180 of the flip reverses y only: one copy instead of two.
+    """
+    k, flip = transform
+    if k % 2:
+        return None
+    dims = {-1} if flip else set()
+    if k % 4 == 2:
+        dims ^= {-2, -1}
+    return tuple(sorted(dims))
+
+
 def _forward(x: Array, transform: _Transform) -> Array:
     k, flip = transform
-    y = _rot90(_hflip(x) if flip else x, k)
+    dims = _flip_dims(transform)
+    y = _flip(x, dims) if dims is not None else _rot90(_flip(x, (-1,)) if flip else x, k)
     # NumPy flips/rotations are views; predictors usually want contiguous memory.
     return np.ascontiguousarray(y) if isinstance(y, np.ndarray) else y
 
 
 def _inverse(y: Array, transform: _Transform) -> Array:
     k, flip = transform
+    dims = _flip_dims(transform)
+    if dims is not None:
+        return _flip(y, dims)
     z = _rot90(y, -k)
-    return _hflip(z) if flip else z
+    return _flip(z, (-1,)) if flip else z
 
 
 def with_tta(predictor: Predictor, mode: TtaMode | str = TtaMode.FLIPS) -> Predictor:

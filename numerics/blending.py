@@ -174,7 +174,8 @@ class BlendAccumulator:
         if not np.all(np.isfinite(p)):
             raise InvalidInputError("prob contains NaN or inf; check the model output")
         height, width = self.shape
-        for (y0, x0), tile in zip(o.tolist(), p, strict=True):
+        weighted = np.multiply(p, self.weight, dtype=self.dtype)  # the whole batch at once
+        for (y0, x0), tile in zip(o.tolist(), weighted, strict=True):
             if not (0 <= y0 < height and 0 <= x0 < width):
                 raise InvalidInputError(
                     f"window origin ({y0}, {x0}) lies outside the {height}x{width} canvas; "
@@ -182,9 +183,8 @@ class BlendAccumulator:
                 )
             h = min(t, height - y0)
             w = min(t, width - x0)
-            weight = self.weight[:h, :w]
-            self.sum[y0 : y0 + h, x0 : x0 + w] += tile[:h, :w] * weight
-            self.weights[y0 : y0 + h, x0 : x0 + w] += weight
+            self.sum[y0 : y0 + h, x0 : x0 + w] += tile[:h, :w]
+            self.weights[y0 : y0 + h, x0 : x0 + w] += self.weight[:h, :w]
 
     def result(self, out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
         """Return the blended prediction ``sum / weight``, 0 where nothing was added.
