@@ -3,7 +3,8 @@
     python benchmarks/bench_predict.py [--quick] [--workdir /tmp/inkbench-predict] [--threads 1]
                                        [--size 768] [--skip-rss] [--skip-throughput]
                                        [--skip-ratio] [--ratio-size 2048] [--ratio-tta none,flips]
-                                       [--ratio-models M,...] [--reps 2] [--precision P] [--compile]
+                                       [--ratio-models M,...] [--reps 3] [--precision P] [--compile]
+                                       [--ratio-store STORE]
 
     # the README's figures: one torch thread, pinned to core 1 of the shared machine
     taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/bench_predict.py --skip-rss \
@@ -343,7 +344,13 @@ def pipeline_seconds(
 
 
 def run_ratio(
-    workdir: Path, size: int, reps: int, ttas: list[str], models: list[str], options: dict
+    workdir: Path,
+    size: int,
+    reps: int,
+    ttas: list[str],
+    models: list[str],
+    options: dict,
+    store: Path | None = None,
 ) -> list[dict]:
     """Measure whole-fragment prediction against the bare forward, in this process.
 
@@ -352,8 +359,9 @@ def run_ratio(
     """
     retain_freed_memory()  # as predict() does: every run below allocates the same way
     t0 = time.perf_counter()
-    store = make_ratio_store(workdir, size)
+    store = store or make_ratio_store(workdir, size)
     frag = open_fragment(open_store(store), "f")
+    size = int(frag.mask().shape[0])
     mask = frag.mask()
     stride = stride_for(RATIO_TILE, 0.5)
     origins = grid_windows(size, size, RATIO_TILE, stride)
@@ -488,7 +496,10 @@ def main() -> None:
     ap.add_argument(
         "--ratio-models", default=",".join(RATIO_MODELS), help="its models, comma-separated"
     )
-    ap.add_argument("--reps", type=int, default=2, help="its interleaved runs per case")
+    ap.add_argument("--reps", type=int, default=3, help="its interleaved runs per case")
+    ap.add_argument(
+        "--ratio-store", type=Path, help="use fragment 'f' (square) of this store, read only"
+    )
     ap.add_argument("--precision", default=None, help="predict --precision (default: auto)")
     ap.add_argument("--compile", action="store_true", help="predict --compile")
     args = ap.parse_args()
@@ -512,6 +523,7 @@ def main() -> None:
             args.ratio_tta.split(","),
             args.ratio_models.split(","),
             options,
+            args.ratio_store,
         )
         print_ratio(ratio_rows, args.ratio_size, args.threads, options)
     if args.skip_rss and args.skip_throughput:
