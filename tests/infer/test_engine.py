@@ -222,12 +222,12 @@ def flat_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("engine") / "flat.pt")
 
 
-@pytest.mark.parametrize("which", ["coarse", "flat"])
+@pytest.mark.parametrize("which", ["coarse", "flat", "ensemble"])
 @pytest.mark.parametrize("mode", ["none", "flips"])
 def test_tiled_prediction_gives_the_old_numbers(tiny_store, coarse_ckpt, flat_ckpt, which, mode):
     """The new pipeline (tiles read in a thread, TTA on the device) equals the old one."""
-    ckpt = coarse_ckpt if which == "coarse" else flat_ckpt
-    models = load_models([ckpt])
+    ckpts = {"coarse": [coarse_ckpt], "flat": [flat_ckpt], "ensemble": [coarse_ckpt, flat_ckpt]}
+    models = load_models(ckpts[which])
     frag = open_fragments(tiny_store, ["1"])[0]
     mask = frag.mask()
     norm = Normalizer(frag.layer_stats()[LAYERS.as_slice()])
