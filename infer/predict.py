@@ -103,6 +103,7 @@ OVERLAY_ALPHA = 0.5
 OVERLAY_COLOR = (255.0, 0.0, 200.0)
 
 _ROWS = 1024  # rows per block in full-size conversions, to bound float temporaries
+PNG_LEVEL = 1  # zlib level of the pictures: 2.5-5x faster than PIL's 6 at 2048 px, 20-50 % larger
 
 Array2D = NDArray[np.uint8]
 BatchPredictor = Callable[[NDArray[np.float32]], NDArray[np.float32]]
@@ -587,7 +588,7 @@ def _predict_fragment(
     ink = postprocess(prob, threshold, cfg.open_px, cfg.min_area, papyrus_mask=mask)
     prob_u8 = probability_to_uint8(prob)
     del prob
-    prob_png = write_png(cfg.out / f"{frag.id}_probability.png", prob_u8)
+    prob_png = write_png(cfg.out / f"{frag.id}_probability.png", prob_u8, PNG_LEVEL)
     prob_tif = prob_zarr = None
     if cfg.save_probabilities:
         prob_tif = write_probability_tiff(cfg.out / f"{frag.id}_probability.tif", prob_u8, frag.id)
@@ -599,10 +600,10 @@ def _predict_fragment(
     rle = encode_rle(ink)
     ink_px = int(np.count_nonzero(ink))
     papyrus_px = int(np.count_nonzero(mask))
-    mask_png = write_png(cfg.out / f"{frag.id}_mask.png", ink * np.uint8(255))
+    mask_png = write_png(cfg.out / f"{frag.id}_mask.png", ink * np.uint8(255), PNG_LEVEL)
     gray, what = overlay_background(frag, layers)
     overlay, scale = render_overlay(gray, mask, ink, OVERLAY_MAX_PX)
-    overlay_png = write_png(cfg.out / f"{frag.id}_overlay.png", overlay)
+    overlay_png = write_png(cfg.out / f"{frag.id}_overlay.png", overlay, PNG_LEVEL)
     if scale < 1:
         log(
             f"fragment {frag.id}: overlay reduced to {overlay.shape[1]}x{overlay.shape[0]} px "

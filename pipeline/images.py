@@ -236,9 +236,15 @@ def image_shape(path: Path, what: str = "image") -> tuple[int, int]:
         ) from None
 
 
-def write_png(path: Path, image: NDArray[np.uint8]) -> Path:
-    """Write a (H, W) or (H, W, 3) uint8 image as PNG atomically; return ``path``."""
+def write_png(path: Path, image: NDArray[np.uint8], compress_level: int = 6) -> Path:
+    """Write a (H, W) or (H, W, 3) uint8 image as PNG atomically; return ``path``.
+
+    ``compress_level`` is zlib's, 0-9 (PIL's default 6; 1 wrote a 2048 x 2048 probability
+    map about 4 times faster than 6, 20 % larger).
+    """
     path = Path(path)
     with atomic_target(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
+        Image.fromarray(np.ascontiguousarray(image)).save(
+            tmp, format="PNG", compress_level=compress_level
+        )
     return path
