@@ -4,7 +4,7 @@
                                        [--size 768] [--skip-rss] [--skip-throughput]
                                        [--skip-ratio] [--ratio-size 2048] [--ratio-tta none,flips]
                                        [--ratio-models M,...] [--reps 3] [--precision P] [--compile]
-                                       [--ratio-store STORE]
+                                       [--ratio-store STORE] [--accelerator-ms 8,32]
 
     # the README's figures: one torch thread, pinned to core 1 of the shared machine
     taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/bench_predict.py --skip-rss \
@@ -20,7 +20,11 @@ prediction of the whole fragment as ``predict`` runs it (``sliding_window_predic
 ``VolumeView`` with the fragment's papyrus mask, through ``build_predictor``), and the whole
 ``predict()`` for the fragment. Their ratios (bare forward / the others) say how busy the
 model is kept. Times are CPU times of the process (every thread), since other people's work
-shares the core; wall-clock ratios are printed too.
+shares the core; wall-clock ratios are printed too. On one core reading and the model take
+turns, so these ratios count every cycle spent besides the model; what reading in a
+background thread buys shows with a device that leaves the CPU idle while it computes: the
+accelerator stand-in (``--accelerator-ms``: a "model" that sleeps that long a batch and
+returns stem3d-shaped zero logits) is timed against its sleeps alone, in wall-clock time.
 
 The other measurements:
 
@@ -452,6 +456,64 @@ def run_ratio(
     return rows
 
 
+class SleepModel(torch.nn.Module):
+    """A stand-in for a model on an accelerator: the CPU idles ``seconds`` per call.
+
+    Returns zero logits at 1/4 resolution (the CPU recipe's output stride), so the rest of
+    the pipeline (upsampling, sigmoid, TTA, blending) runs as for the real model.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return torch.zeros(x.shape[0], 1, x.shape[-2] // 4, x.shape[-1] // 4)
+
+
+def run_accelerated(
+    workdir: Path, store: Path, reps: int, ttas: list[str], ms_per_batch: float
+) -> list[dict]:
+    """Tiled prediction with a model that leaves the CPU idle while it runs, as a GPU does.
+
+    The ideal time is the model's alone (calls x ``ms_per_batch``); the ratio ideal / wall
+    time says how much of the reading, blending and TTA work hides behind the model. Wall
+    clock, since the point is the CPU's idle time.
+    """
+    frag = open_fragment(open_store(store), "f")
+    spec = RATIO_MODELS["stem3d-small-s4"]
+    ckpt = workdir / "ratio_accelerated.pt"
+    save_checkpoint(
+        ckpt, checkpoint_payload(build_model(spec), spec, LAYERS, RATIO_TILE, 0.5, {}, {})
+    )
+    loaded = load_models([ckpt])
+    stride = stride_for(RATIO_TILE, 0.5)
+    mask = frag.mask()
+    origins = grid_windows(*mask.shape, RATIO_TILE, stride)
+    n_batches = -(-int(holds_valid_pixel(mask != 0, origins, RATIO_TILE).sum()) // RATIO_BATCH)
+    original = predict_module.model_from_checkpoint
+    predict_module.model_from_checkpoint = lambda ck: SleepModel(ms_per_batch / 1000)
+    rows = []
+    try:
+        for tta in ttas:
+            predictor = build_predictor(loaded, "cpu", tta)
+            passes = len(tta_transforms(tta))
+            ideal = n_batches * passes * ms_per_batch / 1000
+            walls = [pipeline_seconds(frag, predictor, RATIO_TILE, stride)[0] for _ in range(reps)]
+            wall = sum(walls) / reps
+            rows.append({"tta": tta, "ideal": ideal, "wall": wall, "ratio": ideal / wall})
+            print(
+                f"accelerator stand-in, {ms_per_batch} ms a batch, TTA {tta}: model alone "
+                f"{ideal:.2f} s, tiled prediction {wall:.2f} s (ratio {ideal / wall:.3f}); runs "
+                f"{[round(w, 2) for w in walls]}",
+                flush=True,
+            )
+    finally:
+        predict_module.model_from_checkpoint = original
+    return rows
+
+
 def print_ratio(rows: list[dict], size: int, threads: int, options: dict) -> None:
     print(
         f"\n### Keeping the model busy: {size} x {size} px synthetic fragment (inkpipe synth), "
@@ -494,7 +556,9 @@ def main() -> None:
     ap.add_argument("--ratio-size", type=int, default=2048, help="its fragment side, px")
     ap.add_argument("--ratio-tta", default="none,flips", help="its TTA modes, comma-separated")
     ap.add_argument(
-        "--ratio-models", default=",".join(RATIO_MODELS), help="its models, comma-separated"
+        "--ratio-models",
+        default=",".join(RATIO_MODELS),
+        help="its models, comma-separated ('': only the accelerator stand-in)",
     )
     ap.add_argument("--reps", type=int, default=3, help="its interleaved runs per case")
     ap.add_argument(
@@ -502,6 +566,12 @@ def main() -> None:
     )
     ap.add_argument("--precision", default=None, help="predict --precision (default: auto)")
     ap.add_argument("--compile", action="store_true", help="predict --compile")
+    ap.add_argument(
+        "--accelerator-ms",
+        default="8,32",
+        help="per-batch times of a model stand-in that leaves the CPU idle, as a GPU does, "
+        "comma-separated (0: skip)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     size = 448 if args.quick else args.size
@@ -521,11 +591,33 @@ def main() -> None:
             args.ratio_size,
             args.reps,
             args.ratio_tta.split(","),
-            args.ratio_models.split(","),
+            [m for m in args.ratio_models.split(",") if m],
             options,
             args.ratio_store,
         )
-        print_ratio(ratio_rows, args.ratio_size, args.threads, options)
+        if ratio_rows:
+            print_ratio(ratio_rows, args.ratio_size, args.threads, options)
+        stand_ins = [float(ms) for ms in args.accelerator_ms.split(",") if float(ms) > 0]
+        if stand_ins:
+            store = args.ratio_store or make_ratio_store(args.workdir, args.ratio_size)
+            acc_rows = [
+                {"ms": ms, **row}
+                for ms in stand_ins
+                for row in run_accelerated(
+                    args.workdir, store, args.reps, args.ratio_tta.split(","), ms
+                )
+            ]
+            print(
+                "\n### With an accelerator stand-in (the CPU idle while it runs), stem3d's "
+                "output shape, wall clock\n"
+            )
+            print("| ms a batch | TTA | model alone s | tiled prediction s | ratio |")
+            print("|---|---|---|---|---|")
+            for r in acc_rows:
+                print(
+                    f"| {r['ms']:g} | {r['tta']} | {r['ideal']:.2f} | {r['wall']:.2f} | "
+                    f"{r['ratio']:.3f} |"
+                )
     if args.skip_rss and args.skip_throughput:
         return
     t0 = time.perf_counter()
