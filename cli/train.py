@@ -14,6 +14,7 @@ import click
 
 from inkpipe.pipeline.errors import ConfigError
 from inkpipe.pipeline.layers import LayerRange, parse_layers
+from inkpipe.pipeline.volume import NormMode
 from inkpipe.train.augment import AugLevel
 from inkpipe.train.config import TrainConfig, Validation, parse_validation
 from inkpipe.train.losses import LossName, LossSpec
@@ -183,6 +184,14 @@ def train_config(
     default=default_of(TrainConfig, "output_stride"),
     help="The model predicts at 1/s resolution; the loss uses area-downsampled labels and "
     "prediction upsamples [recipe: 4; a named --model: 1].",
+)
+@click.option(
+    "--normalize",
+    default=default_of(TrainConfig, "normalize"),
+    show_default=True,
+    type=choice_of(NormMode),
+    help="fragment: one mean, std and clipping range per fragment, pooled over its layers "
+    "(keeps the depth profile); layer: each layer by its own statistics.",
 )
 @click.option(
     "--depth-shift",

@@ -57,7 +57,7 @@ from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.memory import retain_freed_memory
 from inkpipe.pipeline.store import Fragment, open_fragment, open_store
 from inkpipe.pipeline.text import format_table
-from inkpipe.pipeline.volume import Normalizer, VolumeView
+from inkpipe.pipeline.volume import NormMode, VolumeView, normalizer_for
 from inkpipe.pipeline.windows import grid_windows, holds_valid_pixel
 from inkpipe.train.checkpoint import (
     DEVICES,
@@ -245,6 +245,7 @@ class _Models:
     checkpoints: tuple[Checkpoint, ...]
     layers: LayerRange
     tile_px: int
+    normalize: NormMode = NormMode.FRAGMENT
 
 
 def stride_for(tile_px: int, overlap: float) -> int:
@@ -267,7 +268,14 @@ def load_models(paths: Sequence[Path], *, trust: bool = False) -> _Models:
     """
     ckpts = tuple(load_checkpoint(p, trust=trust) for p in paths)
     first = ckpts[0]
-    for other in ckpts[1:]:
+    norms = [checkpoint_normalize(c) for c in ckpts]
+    for other, norm in zip(ckpts[1:], norms[1:]):
+        if norm is not norms[0]:
+            raise ConfigError(
+                f"checkpoints disagree: {first.path} normalises CT values per {norms[0]}, "
+                f"{other.path} per {norm}; ensemble only models trained with the same "
+                "--normalize"
+            )
         if (other.layers, other.tile_px) != (first.layers, first.tile_px):
             raise ConfigError(
                 f"checkpoints disagree: {first.path} reads layers {first.layers} with "
@@ -275,7 +283,22 @@ def load_models(paths: Sequence[Path], *, trust: bool = False) -> _Models:
                 f"{other.tile_px} px tiles; ensemble only models trained with the same "
                 "--layers and tile size"
             )
-    return _Models(ckpts, first.layers, first.tile_px)
+    return _Models(ckpts, first.layers, first.tile_px, norms[0])
+
+
+def fragment_stats(frag: Fragment | ZarrFragment, mode: NormMode) -> NDArray[np.float64]:
+    """Return the (z, 4) layer statistics ``mode`` needs: a Zarr volume's of all its layers."""
+    if isinstance(frag, ZarrFragment) and mode is NormMode.FRAGMENT:
+        return frag.layer_stats(all_layers=True)
+    return frag.layer_stats()
+
+
+def checkpoint_normalize(ckpt: Checkpoint) -> NormMode:
+    """Return how ``ckpt``'s model saw CT values: its ``normalize`` setting, else ``layer``.
+
+    Checkpoints written before ``--normalize`` existed normalised each layer by itself.
+    """
+    return NormMode(ckpt.config.get("normalize", NormMode.LAYER))
 
 
 def build_predictor(
@@ -556,7 +579,10 @@ def _predict_fragment(
     mask = frag.mask()
     shape = (int(mask.shape[0]), int(mask.shape[1]))
     view = VolumeView(
-        frag.volume, layers, Normalizer(frag.layer_stats()[layers.as_slice()]), cfg.cache_mb
+        frag.volume,
+        layers,
+        normalizer_for(fragment_stats(frag, models.normalize), layers, models.normalize),
+        cfg.cache_mb,
     )
     n_windows = count_windows(mask, tile_px, stride_px)
     spill = _canvas_dir(cfg, shape)

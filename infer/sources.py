@@ -218,6 +218,7 @@ class ZarrFragment:
         self.layers = layers
         self._mask = mask
         self._stats: NDArray[np.float64] | None = None
+        self._all_stats: NDArray[np.float64] | None = None
 
     def mask(self) -> NDArray[np.uint8]:
         """(H, W) uint8 0/1 papyrus mask (from the mask image)."""
@@ -227,8 +228,17 @@ class ZarrFragment:
         """No infrared photo: the overlay is drawn on a CT layer."""
         return None
 
-    def layer_stats(self) -> NDArray[np.float64]:
-        """(z, 4) float64 mean, std, p01, p99 inside the mask; NaN outside :attr:`layers`."""
+    def layer_stats(self, all_layers: bool = False) -> NDArray[np.float64]:
+        """(z, 4) float64 mean, std, p01, p99 inside the mask; NaN outside :attr:`layers`.
+
+        With ``all_layers`` every layer of the volume is summarised (what ``--normalize
+        fragment`` pools; ingest does the same for stores); computed once and kept.
+        """
+        if all_layers:
+            if self._all_stats is None:
+                full = LayerRange(0, self.meta.shape[0])
+                self._all_stats = compute_layer_stats(self.volume, self._mask, full)
+            return self._all_stats
         if self._stats is None:
             self._stats = compute_layer_stats(self.volume, self._mask, self.layers)
         return self._stats

@@ -3,7 +3,8 @@
 Shared by training (crops at sampled windows) and inference/validation (crops on a grid):
 :class:`BlockCache` keeps decoded (k, B, B) blocks (B = the volume's chunk size) in an LRU of
 bounded size and reads batches of crops with a read-ahead thread, :class:`Normalizer` maps
-uint16 CT values to float32 with the per-layer statistics stored at ingest, and
+uint16 CT values to float32 with the statistics stored at ingest (:func:`normalizer_for`
+chooses them: the whole fragment's, or each layer's), and
 :class:`VolumeView` presents a fragment's layer range as a lazily read, normalised (k, H, W)
 array.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
@@ -34,12 +36,68 @@ __all__ = [
     "BlockCache",
     "BlockKey",
     "ChunkReader",
+    "NormMode",
     "Normalizer",
     "RegionView",
     "VolumeArray",
     "VolumeView",
     "mapped_empty",
+    "normalizer_for",
+    "pooled_stats",
 ]
+
+
+class NormMode(StrEnum):
+    """How CT values are normalised (``--normalize``).
+
+    ``fragment``: one mean, standard deviation and clipping range for the whole fragment, pooled
+    over all its layers, so the depth profile (air above the surface, papyrus below it, ink in
+    between) keeps its shape whatever the surface depth. ``layer``: each layer by its own
+    statistics (checkpoints without this setting): a fragment whose surface lies deeper
+    stretches other layers than one whose surface lies shallower, so the same ink looks
+    different in each.
+    """
+
+    FRAGMENT = "fragment"
+    LAYER = "layer"
+
+
+def pooled_stats(stats: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Pool per-layer statistics into one row for the whole fragment.
+
+    Args:
+        stats: (z, 4) float64 (mean, std, p01, p99) per layer; rows with NaN (layers whose
+            statistics were not computed) are left out.
+
+    Returns:
+        (4,) float64: the mean and standard deviation of all the layers' pixels together (each
+        layer weighs the same, as each holds the same pixels), the lowest p01 and the highest
+        p99 (so no layer is clipped more than by its own statistics).
+
+    Raises:
+        InvalidInputError: no row is finite.
+    """
+    rows = stats[np.isfinite(stats).all(axis=1)]
+    if not len(rows):
+        raise InvalidInputError("no layer statistics to pool (every row is NaN)")
+    mean = float(rows[:, 0].mean())
+    var = float((rows[:, 1] ** 2 + rows[:, 0] ** 2).mean()) - mean**2
+    return np.array([mean, np.sqrt(max(var, 0.0)), rows[:, 2].min(), rows[:, 3].max()])
+
+
+def normalizer_for(
+    stats: NDArray[np.float64], layers: LayerRange, mode: NormMode | str = NormMode.FRAGMENT
+) -> Normalizer:
+    """Return the :class:`Normalizer` of ``layers`` of a fragment with per-layer ``stats``.
+
+    Args:
+        stats: the fragment's (z, 4) float64 per-layer statistics (NaN rows: not computed).
+        layers: the layers the crops hold.
+        mode: :class:`NormMode` (or its value).
+    """
+    if NormMode(mode) is NormMode.LAYER:
+        return Normalizer(stats[layers.as_slice()])
+    return Normalizer(np.tile(pooled_stats(stats), (layers.k, 1)))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 from inkpipe.pipeline.checks import check_int, check_number
 from inkpipe.pipeline.errors import ConfigError, check_choice
 from inkpipe.pipeline.layers import LayerRange, parse_layers
+from inkpipe.pipeline.volume import NormMode
 
 from .augment import AugLevel
 from .devices import check_device
@@ -122,6 +123,7 @@ class TrainConfig:
         output_stride: the model predicts at ``1 / output_stride`` resolution and the loss
             compares with area-downsampled labels (None: the recipe's, or the model's own).
         loss: loss spec.
+        normalize: how CT values are normalised (:class:`~inkpipe.pipeline.volume.NormMode`).
         aug: augmentation level.
         depth_shift: random shift of the layer window, up to this many layers each way
             (clipped to the layers a fragment has); 0: off.
@@ -162,6 +164,7 @@ class TrainConfig:
     output_stride: int | None = None
     loss: LossSpec = field(default_factory=LossSpec)
     aug: AugLevel = AugLevel.FULL
+    normalize: NormMode = NormMode.FRAGMENT
     depth_shift: int = 2
     ema_decay: float = 0.99
     epochs: int | None = None
@@ -191,6 +194,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aug", check_choice("augmentation", self.aug, AugLevel))
+        object.__setattr__(self, "normalize", check_choice("--normalize", self.normalize, NormMode))
         check_device(self.device)
         if self.folds not in (None, "loo"):
             raise ConfigError(f"expected --folds loo or nothing, got '{self.folds}'")
@@ -219,6 +223,7 @@ class TrainConfig:
         d = asdict(self)
         d["store"], d["out"] = str(self.store), str(self.out)
         d["aug"] = str(self.aug)
+        d["normalize"] = str(self.normalize)
         d["loss"]["name"] = str(self.loss.name)
         d["layers"] = str(self.layers)
         d["model"] = None if self.model is None else self.model.to_dict()
@@ -228,8 +233,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`.
+
+        A config saved before ``normalize`` existed loads as ``layer``, what that run did.
+        """
         d = dict(d)
+        d.setdefault("normalize", NormMode.LAYER)
         d["store"], d["out"] = Path(d["store"]), Path(d["out"])
         d["layers"] = parse_layers(d["layers"])
         d["model"] = None if d.get("model") is None else ModelSpec.from_dict(d["model"])

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Sampler
 from inkpipe.pipeline.errors import ConfigError, InvalidInputError
 from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.store import Fragment
-from inkpipe.pipeline.volume import BlockCache, Normalizer
+from inkpipe.pipeline.volume import BlockCache, NormMode, normalizer_for
 from inkpipe.pipeline.windows import INK_PX, X0, Y0
 
 from .augment import Augment
@@ -307,6 +307,7 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
         depth_shift: layers read beyond each end of ``layers`` for the augmentation's depth
             shift; clipped to the layers every fragment has. Unaugmented crops are the
             centre ``k`` layers, exactly ``layers``.
+        normalize: how CT values are normalised (see :func:`normalizer_for`).
     """
 
     def __init__(
@@ -317,6 +318,7 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
         augment: Augment | None = None,
         cache_mb: float = 512,
         depth_shift: int = 0,
+        normalize: NormMode | str = NormMode.FRAGMENT,
     ) -> None:
         self.fragments = list(fragments)
         self.layers = layers
@@ -333,7 +335,7 @@ class CropDataset(Dataset[dict[str, torch.Tensor]]):
         self.masks = [f.mask() for f in self.fragments]
         self.labels = [f.labels() for f in self.fragments]
         self.normalizers = [
-            Normalizer(f.layer_stats()[self.read_layers.as_slice()]) for f in self.fragments
+            normalizer_for(f.layer_stats(), self.read_layers, normalize) for f in self.fragments
         ]
         self._cache: BlockCache | None = None
 

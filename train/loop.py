@@ -35,7 +35,7 @@ from inkpipe.pipeline.errors import ConfigError, TrainingError
 from inkpipe.pipeline.locks import hold_lock
 from inkpipe.pipeline.memory import retain_freed_memory
 from inkpipe.pipeline.store import open_fragments
-from inkpipe.pipeline.volume import Normalizer, RegionView, VolumeView
+from inkpipe.pipeline.volume import RegionView, VolumeView, normalizer_for
 
 from .augment import build_augment
 from .checkpoint import (
@@ -160,6 +160,7 @@ class Trainer:
             augment,
             cache_mb=cfg.cache_mb / max(workers, 1),
             depth_shift=cfg.depth_shift,
+            normalize=cfg.normalize,
         )
         self.sampler = WindowSampler(
             plan.train_sets,
@@ -335,7 +336,7 @@ class Trainer:
         predict = make_predictor(state.eval_model, self.device)
         if plan.val_fragment is not None:
             frag = plan.fragments[plan.val_fragment]
-            norm = Normalizer(frag.layer_stats()[cfg.layers.as_slice()])
+            norm = normalizer_for(frag.layer_stats(), cfg.layers, cfg.normalize)
             view = VolumeView(frag.volume, cfg.layers, norm, cfg.cache_mb / 2)
             mask = frag.mask()
             h, w = mask.shape
@@ -351,7 +352,7 @@ class Trainer:
             for r in plan.val_regions:
                 if r.fragment not in views:
                     frag = plan.fragments[r.fragment]
-                    norm = Normalizer(frag.layer_stats()[cfg.layers.as_slice()])
+                    norm = normalizer_for(frag.layer_stats(), cfg.layers, cfg.normalize)
                     views[r.fragment] = VolumeView(frag.volume, cfg.layers, norm, cfg.cache_mb / 2)
                 h, w = r.valid.shape
                 prob = sliding_window_predict(

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from inkpipe.pipeline.errors import ConfigError
+from inkpipe.pipeline.errors import ConfigError, InvalidInputError
 from inkpipe.pipeline.layers import LayerRange
 from inkpipe.pipeline.store import open_fragments
-from inkpipe.pipeline.volume import Normalizer, VolumeView
+from inkpipe.pipeline.volume import Normalizer, NormMode, VolumeView, normalizer_for, pooled_stats
 from inkpipe.train.augment import build_augment
 from inkpipe.train.data import (
     CropBatch,
@@ -145,6 +145,47 @@ def test_normalizer_clips_then_standardises():
     out = Normalizer(stats)(crop)
     assert out.dtype == np.float32 and out.shape == crop.shape
     np.testing.assert_allclose(out, expect, rtol=1e-6, atol=1e-5)
+
+
+def test_pooled_stats_are_those_of_all_layers_together():
+    rng = np.random.default_rng(0)
+    layers = [rng.normal(m, s, 4000) for m, s in ((100.0, 5.0), (300.0, 20.0), (200.0, 1.0))]
+    stats = np.array(
+        [[v.mean(), v.std(), np.quantile(v, 0.01), np.quantile(v, 0.99)] for v in layers]
+    )
+    stats = np.vstack([stats, np.full(4, np.nan)])  # a layer without statistics is left out
+    pooled = pooled_stats(stats)
+    every = np.concatenate(layers)
+    np.testing.assert_allclose(pooled[:2], [every.mean(), every.std()], rtol=1e-9)
+    assert pooled[2] == stats[:3, 2].min() and pooled[3] == stats[:3, 3].max()
+    with pytest.raises(InvalidInputError, match="NaN"):
+        pooled_stats(np.full((2, 4), np.nan))
+
+
+def test_fragment_normalisation_keeps_the_depth_profile():
+    # two fragments: the same column of values, the surface one layer deeper in the second
+    profile = np.array([100, 100, 400, 420, 410, 405], np.float64)
+    deeper = np.concatenate([[100.0], profile[:-1]])
+    outs = {}
+    for mode in NormMode:
+        got = []
+        for col in (profile, deeper):
+            stats = np.column_stack([col, np.full(6, 10.0), col - 50, col + 50])
+            crop = col[1:5, None, None].astype(np.uint16)
+            got.append(normalizer_for(stats, LayerRange(1, 5), mode)(crop)[:, 0, 0])
+        outs[mode] = got
+    # per fragment: one affine map for every layer, so layer differences keep their ratios
+    for a in outs[NormMode.FRAGMENT]:
+        assert np.ptp(a) > 1
+    a, b = outs[NormMode.FRAGMENT]
+    np.testing.assert_allclose(
+        np.diff(a)[1:] / np.diff(a)[1], np.diff(profile[1:5])[1:] / 20, rtol=1e-5
+    )
+    # per layer: every layer is centred on its own mean, so the step to papyrus disappears
+    for a in outs[NormMode.LAYER]:
+        np.testing.assert_allclose(a, 0, atol=1e-6)
+    with pytest.raises(ValueError):
+        normalizer_for(np.zeros((6, 4)), LayerRange(1, 5), "bogus")
 
 
 def test_volume_view_normalises_like_the_normalizer(tiny_store):
