@@ -245,7 +245,7 @@ class _Models:
     checkpoints: tuple[Checkpoint, ...]
     layers: LayerRange
     tile_px: int
-    normalize: NormMode = NormMode.FRAGMENT
+    normalize: NormMode
 
 
 def stride_for(tile_px: int, overlap: float) -> int:
@@ -284,13 +284,6 @@ def load_models(paths: Sequence[Path], *, trust: bool = False) -> _Models:
                 "--layers and tile size"
             )
     return _Models(ckpts, first.layers, first.tile_px, norms[0])
-
-
-def fragment_stats(frag: Fragment | ZarrFragment, mode: NormMode) -> NDArray[np.float64]:
-    """Return the (z, 4) layer statistics ``mode`` needs: a Zarr volume's of all its layers."""
-    if isinstance(frag, ZarrFragment) and mode is NormMode.FRAGMENT:
-        return frag.layer_stats(all_layers=True)
-    return frag.layer_stats()
 
 
 def checkpoint_normalize(ckpt: Checkpoint) -> NormMode:
@@ -373,12 +366,16 @@ def _check_folders(fragments: Sequence[str], layers: LayerRange) -> list[Path]:
 
 
 def resolve_fragments(
-    cfg: PredictConfig, layers: LayerRange, log: Callable[[str], None] = print
+    cfg: PredictConfig,
+    layers: LayerRange,
+    log: Callable[[str], None] = print,
+    normalize: NormMode = NormMode.FRAGMENT,
 ) -> list[Fragment | ZarrFragment]:
     """Return the fragments to predict, in the order given, ingesting raw folders first.
 
     Zarr volumes and folders are all checked before the first is ingested or read; then the
-    volumes' layer statistics are computed inside their masks.
+    volumes' layer statistics are computed inside their masks: of every layer for
+    ``normalize`` ``fragment`` (as ingest stores them), else of ``layers``.
 
     Raises:
         StoreError: an id is not in the store (the message lists the ids there are).
@@ -391,7 +388,8 @@ def resolve_fragments(
         fragments = list(_resolve_store_fragments(cfg))
     else:
         volumes = [f for f in cfg.fragments if is_zarr_source(f)]
-        sources = {s.given: s for s in open_zarr_fragments(volumes, cfg.masks, layers)}
+        every = normalize is NormMode.FRAGMENT
+        sources = {s.given: s for s in open_zarr_fragments(volumes, cfg.masks, layers, every)}
         given_folders = [f for f in cfg.fragments if f not in sources]
         folders = dict(zip(given_folders, _check_folders(given_folders, layers)))
         dupes = repeated([s.id for s in sources.values()] + [f.name for f in folders.values()])
@@ -581,7 +579,7 @@ def _predict_fragment(
     view = VolumeView(
         frag.volume,
         layers,
-        normalizer_for(fragment_stats(frag, models.normalize), layers, models.normalize),
+        normalizer_for(frag.layer_stats(), layers, models.normalize),
         cfg.cache_mb,
     )
     n_windows = count_windows(mask, tile_px, stride_px)
@@ -707,7 +705,7 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = print) -> list[Frag
         else float(np.mean([c.threshold for c in models.checkpoints]))
     )
     cfg.out.mkdir(parents=True, exist_ok=True)
-    fragments = resolve_fragments(cfg, models.layers, log)
+    fragments = resolve_fragments(cfg, models.layers, log, models.normalize)
     shapes = [(int(f.meta.shape[1]), int(f.meta.shape[2])) for f in fragments]
     check_free(
         cfg.out,

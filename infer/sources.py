@@ -218,7 +218,6 @@ class ZarrFragment:
         self.layers = layers
         self._mask = mask
         self._stats: NDArray[np.float64] | None = None
-        self._all_stats: NDArray[np.float64] | None = None
 
     def mask(self) -> NDArray[np.uint8]:
         """(H, W) uint8 0/1 papyrus mask (from the mask image)."""
@@ -228,17 +227,8 @@ class ZarrFragment:
         """No infrared photo: the overlay is drawn on a CT layer."""
         return None
 
-    def layer_stats(self, all_layers: bool = False) -> NDArray[np.float64]:
-        """(z, 4) float64 mean, std, p01, p99 inside the mask; NaN outside :attr:`layers`.
-
-        With ``all_layers`` every layer of the volume is summarised (what ``--normalize
-        fragment`` pools; ingest does the same for stores); computed once and kept.
-        """
-        if all_layers:
-            if self._all_stats is None:
-                full = LayerRange(0, self.meta.shape[0])
-                self._all_stats = compute_layer_stats(self.volume, self._mask, full)
-            return self._all_stats
+    def layer_stats(self) -> NDArray[np.float64]:
+        """(z, 4) float64 mean, std, p01, p99 inside the mask; NaN outside :attr:`layers`."""
         if self._stats is None:
             self._stats = compute_layer_stats(self.volume, self._mask, self.layers)
         return self._stats
@@ -365,8 +355,13 @@ def _check_array(array: zarr.Array, where: str) -> None:
         raise InvalidInputError(f"Zarr volume {where} is empty (shape {shape})")
 
 
-def open_zarr_fragment(given: str, mask_path: Path, layers: LayerRange) -> ZarrFragment:
+def open_zarr_fragment(
+    given: str, mask_path: Path, layers: LayerRange, all_layer_stats: bool = False
+) -> ZarrFragment:
     """Open and check one Zarr volume and its mask image (no pixel of the volume is read).
+
+    Its statistics will cover ``layers``, or every layer with ``all_layer_stats`` (what
+    ``--normalize fragment`` pools, as ingest stores them for a store fragment).
 
     Raises:
         InputNotFoundError: the volume or the mask is missing.
@@ -395,11 +390,15 @@ def open_zarr_fragment(given: str, mask_path: Path, layers: LayerRange) -> ZarrF
             f"mask {mask_path} is empty (no papyrus pixel); white (255) or 1 must mark the papyrus"
         )
     volume = SourceVolume(array, where)
-    return ZarrFragment(source_id(given), given, where, volume, mask, layers)
+    summarised = LayerRange(0, z) if all_layer_stats else layers
+    return ZarrFragment(source_id(given), given, where, volume, mask, summarised)
 
 
 def open_zarr_fragments(
-    given: Sequence[str], masks: Sequence[Path], layers: LayerRange
+    given: Sequence[str],
+    masks: Sequence[Path],
+    layers: LayerRange,
+    all_layer_stats: bool = False,
 ) -> list[ZarrFragment]:
     """Open and check Zarr volumes with their masks, in order (no pixel is read yet).
 
@@ -407,6 +406,7 @@ def open_zarr_fragments(
         given: the paths or URLs, as given.
         masks: one mask image per volume, in the same order.
         layers: the layers the model reads.
+        all_layer_stats: summarise every layer, not only ``layers``.
 
     Raises:
         ConfigError: not one mask per volume; otherwise see :func:`open_zarr_fragment`.
@@ -424,7 +424,7 @@ def open_zarr_fragments(
             "one --mask per Zarr volume, in the same order (fragment folders and store "
             "fragments bring their own)"
         )
-    return [open_zarr_fragment(g, m, layers) for g, m in zip(given, masks)]
+    return [open_zarr_fragment(g, m, layers, all_layer_stats) for g, m in zip(given, masks)]
 
 
 def summarize_sources(

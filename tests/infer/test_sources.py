@@ -122,6 +122,36 @@ def test_a_local_zarr_array_predicts_like_the_store(frag1, store_prediction, ckp
     assert not (tmp_path / "out" / ".ingest.zarr").exists()  # nothing ingested
 
 
+def test_a_fragment_normalised_checkpoint_summarises_every_layer_once(
+    frag1, tiny_store, tmp_path, monkeypatch
+):
+    """``normalize: fragment`` pools all layers, as ingest stored them: one pass over them."""
+    frag, mask = frag1
+    norm = make_checkpoint(tmp_path / "norm.pt", config={"normalize": "fragment"})
+    cfg = PredictConfig(
+        checkpoints=(norm,),
+        fragments=("1",),
+        out=tmp_path / "s",
+        store=tiny_store,
+        tta="none",
+        **QUIET,
+    )
+    (from_store,) = predict(cfg, log=lambda s: None)
+    volume = write_volume(tmp_path / "seg1.zarr", np.asarray(frag.volume[...]))
+    stats_reads: list = []
+    original = sources.compute_layer_stats
+
+    def spy(vol, m, layers):
+        stats_reads.append(layers)
+        return original(vol, m, layers)
+
+    monkeypatch.setattr(sources, "compute_layer_stats", spy)
+    result, logs = predict_volume(volume, mask, norm, tmp_path / "out")
+    assert_same_prediction(result, from_store)
+    assert stats_reads == [LayerRange(0, 12)]  # every layer, in one pass
+    assert any("statistics of layers 0:12 inside the mask" in line for line in logs)
+
+
 def test_the_statistics_are_ingest_s(frag1, tmp_path, monkeypatch):
     frag, mask = frag1
     volume = write_volume(tmp_path / "v.zarr", np.asarray(frag.volume[...]), chunks=(5, 16, 24))
