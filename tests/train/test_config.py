@@ -135,6 +135,7 @@ def test_a_checkpoint_with_the_config_loads_with_weights_only(tmp_path: Path) ->
     ("kwargs", "message"),
     [
         ({"aug": "ful"}, "unknown augmentation 'ful'; did you mean 'full'?"),
+        ({"normalize": "fragmnt"}, "unknown --normalize 'fragmnt'; did you mean 'fragment'?"),
         ({"epochs": 0}, "--epochs must be an integer >= 1, got 0"),
         ({"tile_px": 0}, "--tile must be an integer >= 1, got 0"),
         ({"batch_size": 2.5}, "--batch-size must be an integer >= 1, got 2.5"),
