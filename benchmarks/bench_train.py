@@ -66,11 +66,11 @@ def loader_pass(store: Path, frag_dir: Path, k: int, mode: str, n: int, extras: 
     frag = open_fragments(store)[0]
     sets = [WindowSet(0, frag.meta.shape[1:], frag.windows())]
     sampler = WindowSampler(sets, 224, n, 16, seed=0, jitter_px=32)
-    epochs = []
+    batches = []  # each epoch's CropBatch values, as the sampler yields them (with read_ahead)
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
-        epochs.append([key for batch in sampler for key in batch])
-    batches = [[keys[i : i + 16] for i in range(0, n, 16)] for keys in epochs]
+        batches.append(list(sampler))
+    epochs = [[key for batch in epoch for key in batch] for epoch in batches]
     ds = CropDataset([frag], layers, 224, augment=None, cache_mb=1024)
     transform = ds._normalise if mode == "normalised" else None
     out = {"store": _epochs(partial(ds.read_raw_batch, transform=transform), batches)}
