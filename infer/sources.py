@@ -258,7 +258,7 @@ def compute_layer_stats(
         if not mask_band.any():
             continue
         band = volume[layers.as_slice(), y0 : y0 + rows, :]
-        s, h = summarize_band(band, mask_band)
+        s, h = summarize_band(band, mask_band, y0)
         sums += s
         hists += h
     stats = np.full((volume.shape[0], 4), np.nan)

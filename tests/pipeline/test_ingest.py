@@ -46,14 +46,14 @@ def test_ingest_roundtrip(fragments_dir, tmp_path):
     assert f.volume.chunks == (4, 64, 64)
     assert frags["a"].labels() is None and frags["a"].meta.split == "test"
     assert frags["1"].ir() is not None
-    # statistics inside the mask, exact for mean and std
-    vol = f.volume[...].astype(np.float64)
-    m = f.mask().astype(bool)
+    # statistics inside the mask, of the rows y % STATS_ROW_STEP == 0, exact for mean and std
+    step = ingest_mod.STATS_ROW_STEP
+    vol = f.volume[:, ::step].astype(np.float64)
+    m = f.mask()[::step].astype(bool)
     stats = f.layer_stats()
     np.testing.assert_allclose(stats[:, 0], [v[m].mean() for v in vol], rtol=1e-9)
     np.testing.assert_allclose(stats[:, 1], [v[m].std() for v in vol], rtol=1e-6)
-    assert np.all(np.abs(stats[:, 2] - [np.percentile(v[m], 1) for v in vol]) <= 16)
-    # the percentiles are exact (from a histogram of every uint16 value)
+    # the percentiles are exact for those rows (from a histogram of every uint16 value)
     for q, col in ((1, 2), (99, 3)):
         exact = [np.percentile(v[m], q, method="inverted_cdf") for v in vol]
         np.testing.assert_array_equal(stats[:, col], exact)
@@ -313,3 +313,31 @@ def test_ingest_on_a_dask_distributed_cluster(fragments_dir, tmp_path):
     for fd, fl in zip(open_fragments(tmp_path / "d.zarr"), open_fragments(tmp_path / "l.zarr")):
         np.testing.assert_array_equal(fd.volume[...], fl.volume[...])
         np.testing.assert_array_equal(fd.layer_stats(), fl.layer_stats())
+
+
+def test_layer_statistics_do_not_depend_on_the_banding():
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 65535, size=(3, 37, 20), dtype=np.uint16)
+    mask = (rng.random((37, 20)) > 0.3).astype(np.uint8)
+    whole = ingest_mod.summarize_band(data, mask, 0)
+    parts = [
+        ingest_mod.summarize_band(data[:, a:b], mask[a:b], a)
+        for a, b in ((0, 13), (13, 30), (30, 37))
+    ]
+    np.testing.assert_array_equal(sum(p[0] for p in parts), whole[0])
+    np.testing.assert_array_equal(sum(p[1] for p in parts), whole[1])
+    step = ingest_mod.STATS_ROW_STEP
+    assert whole[0][0, 0] == mask[::step].sum()  # only the rows y % step == 0 are counted
+
+
+def test_band_buffers_are_reused_and_bounded():
+    pool = ingest_mod.BandBuffers(keep=1)
+    with pool.take((2, 4, 8)) as first:
+        first[...] = 7
+    with pool.take((2, 3, 8)) as again:  # a smaller band reuses the same memory
+        assert np.shares_memory(again, first) and again.shape == (2, 3, 8)
+        with pool.take((2, 4, 8)) as other:  # taken while the first is lent: new memory
+            assert not np.shares_memory(other, again)
+    assert len(pool._free) == 1  # only `keep` buffers stay free
+    pool.clear()
+    assert pool._free == []
