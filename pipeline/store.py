@@ -387,7 +387,12 @@ def ensure_ome(group: zarr.Group, fragment_id: str) -> bool:
 
 
 def write_plane(group: zarr.Group, name: str, image: NDArray[np.uint8], chunk_px: int) -> None:
-    """Write a 2-D uint8 image (mask, labels, ir) into a fragment group."""
+    """Write a 2-D uint8 image (mask, labels, ir) into a fragment group, a chunk row at a time.
+
+    One ``arr[...] = image`` has zarr encode every chunk at once, holding about half the
+    image again in encoded and staged copies (68 MB for a 14830 x 9506 mask); a row of chunks
+    at a time holds one row.
+    """
     arr = group.create_array(
         name,
         shape=image.shape,
@@ -397,7 +402,9 @@ def write_plane(group: zarr.Group, name: str, image: NDArray[np.uint8], chunk_px
         fill_value=0,
         dimension_names=("y", "x"),
     )
-    arr[...] = image
+    rows = arr.chunks[0]
+    for y0 in range(0, image.shape[0], rows):
+        arr[y0 : y0 + rows] = image[y0 : y0 + rows]
 
 
 def write_table(group: zarr.Group, name: str, table: NDArray, attrs: Mapping[str, Any]) -> None:

@@ -76,17 +76,21 @@ def grid_windows(height: int, width: int, tile_px: int, stride_px: int) -> NDArr
     return np.stack([yy.reshape(-1), xx.reshape(-1)], axis=1)
 
 
-def window_sums(image: NDArray, origins: NDArray[np.int64], tile_px: int) -> NDArray[np.int64]:
+def window_sums(
+    image: NDArray, origins: NDArray[np.int64], tile_px: int, within: NDArray | None = None
+) -> NDArray[np.int64]:
     """Sum ``image`` over each (tile x tile) window, without a full-size integral image.
 
     Windows sharing a start row share one band column-sum, so the cost is about
-    ``rows_of_windows * tile_px * W`` additions and memory O(W).
+    ``rows_of_windows * tile_px * W`` additions and memory O(tile_px * W).
 
     Args:
         image: (H, W) array of small non-negative integers or bools (e.g. uint8 0/1 masks).
         origins: (n, 2) window origins (y0, x0) inside ``image``; a window may overhang the
             bottom/right edge (the overhang adds nothing).
         tile_px: window size.
+        within: optional (H, W) 0/1 array of the same dtype: sum ``image & within``, a band at
+            a time (no full-size copy of the masked image).
 
     Returns:
         (n,) int64 sums, in the order of ``origins``.
@@ -94,7 +98,10 @@ def window_sums(image: NDArray, origins: NDArray[np.int64], tile_px: int) -> NDA
     sums = np.zeros(len(origins), dtype=np.int64)
     for y0 in np.unique(origins[:, Y0]):
         rows = np.flatnonzero(origins[:, Y0] == y0)
-        band = image[y0 : y0 + tile_px].sum(axis=0, dtype=np.int64)
+        part = image[y0 : y0 + tile_px]
+        if within is not None:
+            part = part & within[y0 : y0 + tile_px]
+        band = part.sum(axis=0, dtype=np.int64)
         cum = np.concatenate([[0], np.cumsum(band)])
         x0 = origins[rows, X0]
         x1 = np.minimum(x0 + tile_px, image.shape[1])
@@ -147,5 +154,5 @@ def index_windows(
     if labels is None:
         ink_px = np.zeros_like(mask_px)
     else:
-        ink_px = window_sums(labels & mask, origins, tile_px)
+        ink_px = window_sums(labels, origins, tile_px, within=mask)
     return np.column_stack([origins, mask_px, ink_px]).astype(np.int32)

@@ -83,3 +83,16 @@ def test_parse_layers():
             parse_layers(bad)
     with pytest.raises(ConfigError, match="has 12 layers"):
         parse_layers("5:20").check(12)
+
+
+def test_window_sums_within_a_mask_equal_the_sums_of_the_masked_image():
+    rng = np.random.default_rng(2)
+    image = (rng.random((70, 50)) > 0.5).astype(np.uint8)
+    mask = (rng.random((70, 50)) > 0.3).astype(np.uint8)
+    origins = grid_windows(70, 50, 16, 8)
+    np.testing.assert_array_equal(
+        window_sums(image, origins, 16, within=mask), window_sums(image & mask, origins, 16)
+    )
+    assert (
+        window_sums(image, origins, 16, within=mask).sum() < window_sums(image, origins, 16).sum()
+    )
