@@ -46,7 +46,7 @@ from .store import (
     write_table,
     write_windows,
 )
-from .tiff import SliceInfo, read_rows_into
+from .tiff import SliceInfo, prefetch_rows, read_rows_into
 from .windows import INK_PX, index_windows
 
 HIST_BINS = 65536  # layer histograms: one bin per uint16 value
@@ -410,6 +410,7 @@ def copy_band(
     band: tuple[int, int, int, int],
     mask_band: NDArray[np.uint8],
     writer: ChunkWriter | None = None,
+    ahead: tuple[int, int, int, int] | None = None,
 ) -> BandResult:
     """Copy one band of slices into the volume and summarise it (one dask task).
 
@@ -419,6 +420,8 @@ def copy_band(
         band: (z0, z1, y0, y1) chunk-aligned.
         mask_band: (y1 - y0, W) uint8 0/1 mask rows of the band.
         writer: writes the band's chunk files directly; None writes through zarr-python.
+        ahead: a band a later task reads: the disk is asked to read it meanwhile
+            (:func:`~inkpipe.pipeline.tiff.prefetch_rows`), so reading overlaps computing.
 
     Returns:
         the band's :class:`BandResult`: its statistics inside the mask and stage times.
@@ -426,6 +429,9 @@ def copy_band(
     z0, z1, y0, y1 = band
     clock = time.thread_time  # CPU time of this thread: shares that other load does not skew
     t0 = clock()
+    if ahead is not None:
+        for z in range(ahead[0], ahead[1]):
+            prefetch_rows(slices[z], ahead[2], ahead[3])
     with BAND_BUFFERS.take((z1 - z0, y1 - y0, slices[0].shape[1])) as data:
         for z in range(z0, z1):
             read_rows_into(slices[z], y0, y1, data[z - z0])
@@ -643,7 +649,12 @@ def _write_volume(
     """
     bands = band_tasks(frag.shape, settings)
     task = dask.delayed(copy_band, pure=False)
-    tasks = [task(volume_path, frag.slices, b, mask[b[2] : b[3]], writer) for b in bands]
+    # Each task asks the disk for the band the task `workers` places later will read.
+    ahead = [*bands[cfg.workers :], *[None] * cfg.workers]
+    tasks = [
+        task(volume_path, frag.slices, b, mask[b[2] : b[3]], writer, a)
+        for b, a in zip(bands, ahead)
+    ]
     z = frag.shape[0]
     row_bytes = frag.shape[2] * 2
     sizes = {t.key: (b[1] - b[0]) * (b[3] - b[2]) * row_bytes for t, b in zip(tasks, bands)}
