@@ -332,8 +332,9 @@ def _ingest_one(
         binarization=binarization,
         extra={"source_dir": str(src.path.resolve()), "dtype": frag.dtype},
     )
-    # The 2-D images first, each freed once written, so that only the mask (for the
-    # statistics) is held while the volume is copied: at 14830 x 9506 px a plane is 141 MB.
+    # The 2-D images first, each freed once written, so that only the mask's bits (for the
+    # statistics) are held while the volume is copied: at 14830 x 9506 px a plane is 141 MB,
+    # its bits 18 MB.
     t1 = time.perf_counter()
     windows = index_windows(
         mask, labels, settings.tile_px, settings.stride_px, settings.min_coverage
@@ -345,6 +346,8 @@ def _ingest_one(
         labels = np.bitwise_and(labels, mask, out=labels if labels.flags.writeable else None)
         write_plane(group, "labels", labels, settings.chunk_px)
     del labels, label_image
+    mask_bits = np.packbits(mask, axis=1)  # (H, ceil(W / 8)) uint8
+    del mask, mask_image
     if src.ir_path is not None:
         write_plane(group, "ir", read_gray(src.ir_path, "IR image"), settings.chunk_px)
     t3 = time.perf_counter()
@@ -352,7 +355,7 @@ def _ingest_one(
     volume = group["volume"]
     writer = ChunkWriter.for_array(volume) if isinstance(volume, zarr.Array) else None
     t4 = time.perf_counter()
-    stats, stages = _write_volume(volume_path, frag, mask, settings, cfg, client, writer)
+    stats, stages = _write_volume(volume_path, frag, mask_bits, settings, cfg, client, writer)
     stages["volume_wall"] = time.perf_counter() - t4
     t4 = time.perf_counter()
     write_windows(group, windows, settings)
@@ -392,12 +395,16 @@ def sync_filesystem(path: Path) -> None:
 def band_tasks(
     shape: tuple[int, int, int], settings: StoreSettings
 ) -> list[tuple[int, int, int, int]]:
-    """Return the chunk-aligned bands ``(z0, z1, y0, y1)`` that tile a (z, H, W) volume."""
+    """Return the chunk-aligned bands ``(z0, z1, y0, y1)`` that tile a (z, H, W) volume.
+
+    In reading order: down each range of layers, then the next range, so that consecutive
+    bands read on in the same slice files.
+    """
     z, h, _ = shape
     return [
         (z0, min(z0 + settings.chunk_layers, z), y0, min(y0 + settings.chunk_px, h))
-        for y0 in range(0, h, settings.chunk_px)
         for z0 in range(0, z, settings.chunk_layers)
+        for y0 in range(0, h, settings.chunk_px)
     ]
 
 
@@ -408,9 +415,8 @@ def copy_band(
     volume_path: Path,
     slices: tuple[SliceInfo, ...],
     band: tuple[int, int, int, int],
-    mask_band: NDArray[np.uint8],
+    mask_bits: NDArray[np.uint8],
     writer: ChunkWriter | None = None,
-    ahead: tuple[int, int, int, int] | None = None,
 ) -> BandResult:
     """Copy one band of slices into the volume and summarise it (one dask task).
 
@@ -418,10 +424,9 @@ def copy_band(
         volume_path: the fragment's ``volume`` array folder.
         slices: all slices of the fragment.
         band: (z0, z1, y0, y1) chunk-aligned.
-        mask_band: (y1 - y0, W) uint8 0/1 mask rows of the band.
+        mask_bits: (y1 - y0, ceil(W / 8)) uint8: the band's mask rows packed to bits
+            (``np.packbits(rows, axis=1)``; 8x less to hold and to send to a worker).
         writer: writes the band's chunk files directly; None writes through zarr-python.
-        ahead: a band a later task reads: the disk is asked to read it meanwhile
-            (:func:`~inkpipe.pipeline.tiff.prefetch_rows`), so reading overlaps computing.
 
     Returns:
         the band's :class:`BandResult`: its statistics inside the mask and stage times.
@@ -429,13 +434,17 @@ def copy_band(
     z0, z1, y0, y1 = band
     clock = time.thread_time  # CPU time of this thread: shares that other load does not skew
     t0 = clock()
-    if ahead is not None:
-        for z in range(ahead[0], ahead[1]):
-            prefetch_rows(slices[z], ahead[2], ahead[3])
+    # The disk is asked for the band's slices at once (read side by side, not one after
+    # another) and for the bands above and below: dask runs the bands of a range of layers
+    # one after another, up or down, so the next task finds its rows on the way or cached.
+    h = y1 - y0
+    for z in range(z0, z1):
+        prefetch_rows(slices[z], y0 - h, y1 + h)
     with BAND_BUFFERS.take((z1 - z0, y1 - y0, slices[0].shape[1])) as data:
         for z in range(z0, z1):
             read_rows_into(slices[z], y0, y1, data[z - z0])
         t1 = clock()
+        mask_band = np.unpackbits(mask_bits, axis=1, count=data.shape[2])
         sums, hists = summarize_band(data, mask_band, y0)
         t2 = clock()
         encode_s, write_s = write_band(volume_path, data, band, writer, clock)
@@ -622,12 +631,13 @@ def layer_statistics(sums: NDArray[np.float64], hists: NDArray[np.int64]) -> NDA
     count = np.maximum(sums[:, 0], 1)
     mean = sums[:, 1] / count
     std = np.sqrt(np.maximum(sums[:, 2] / count - mean**2, 0.0))
-    cum = np.cumsum(hists, axis=1)
-    total = cum[:, -1:]
-    # cum < q * total in integers: q = 1/100 and 99/100
-    p01 = np.minimum((cum * 100 < total).sum(axis=1), HIST_BINS - 1)
-    p99 = np.minimum((cum * 100 < total * 99).sum(axis=1), HIST_BINS - 1)
-    return np.column_stack([mean, std, p01.astype(np.float64), p99.astype(np.float64)])
+    p01, p99 = np.zeros(len(hists)), np.zeros(len(hists))
+    for z, hist in enumerate(hists):  # a layer at a time: temporaries of one histogram
+        cum = np.cumsum(hist)
+        # the first bin where cum >= q * total, in integers: q = 1/100 and 99/100
+        p01[z] = min(int(np.searchsorted(cum * 100, cum[-1], side="left")), HIST_BINS - 1)
+        p99[z] = min(int(np.searchsorted(cum * 100, cum[-1] * 99, side="left")), HIST_BINS - 1)
+    return np.column_stack([mean, std, p01, p99])
 
 
 REDUCE_FAN_IN = 8  # band results of the same layers summed 8 at a time
@@ -636,7 +646,7 @@ REDUCE_FAN_IN = 8  # band results of the same layers summed 8 at a time
 def _write_volume(
     volume_path: Path,
     frag: CheckedFragment,
-    mask: NDArray[np.uint8],
+    mask_bits: NDArray[np.uint8],
     settings: StoreSettings,
     cfg: IngestConfig,
     client: Any,
@@ -644,17 +654,14 @@ def _write_volume(
 ) -> tuple[NDArray[np.float64], dict[str, float]]:
     """Run the band tasks with dask; return the (z, 4) layer statistics and stage seconds.
 
+    ``mask_bits`` is the (H, ceil(W / 8)) uint8 mask packed along rows (``np.packbits``).
+
     Band results (histograms of 65536 bins a layer) are summed in a tree as they come, so
     memory holds a few of them whatever the number of bands.
     """
     bands = band_tasks(frag.shape, settings)
     task = dask.delayed(copy_band, pure=False)
-    # Each task asks the disk for the band the task `workers` places later will read.
-    ahead = [*bands[cfg.workers :], *[None] * cfg.workers]
-    tasks = [
-        task(volume_path, frag.slices, b, mask[b[2] : b[3]], writer, a)
-        for b, a in zip(bands, ahead)
-    ]
+    tasks = [task(volume_path, frag.slices, b, mask_bits[b[2] : b[3]], writer) for b in bands]
     z = frag.shape[0]
     row_bytes = frag.shape[2] * 2
     sizes = {t.key: (b[1] - b[0]) * (b[3] - b[2]) * row_bytes for t, b in zip(tasks, bands)}
