@@ -94,7 +94,7 @@ def format_stages(stages: dict[str, float]) -> str:
     parts = [
         f"{k} {stages.get(k, 0):.1f} s CPU ({stages.get(k, 0) / band:.0%})" for k in BAND_STAGES
     ]
-    rest = ("volume_wall", "planes", "windows", "fsync", "process_cpu")
+    rest = ("volume_wall", "planes", "planes_overlapped", "windows", "fsync", "process_cpu")
     parts += [f"{k} {stages[k]:.1f} s" for k in rest if k in stages]
     return ", ".join(parts)
 

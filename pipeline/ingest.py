@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -92,8 +93,10 @@ class FragmentResult:
 
     ``stages`` holds the seconds of an ingested fragment's stages: the CPU seconds of the band
     tasks' ``read``, ``statistics``, ``encode`` and ``write`` (summed over the tasks and their
-    threads), then wall-clock seconds: ``volume_wall`` (all band tasks), ``planes`` (mask,
-    labels, IR), ``windows`` (window index and tables), ``fsync`` (the store's file system).
+    threads), then wall-clock seconds: ``volume_wall`` (all band tasks), ``planes`` (the
+    labels, before the volume), ``planes_overlapped`` (mask and IR, written by a thread while
+    the volume is copied), ``windows`` (window index and tables), ``fsync`` (the store's file
+    system).
     """
 
     id: str
@@ -341,22 +344,26 @@ def _ingest_one(
     )
     t2 = time.perf_counter()
     group = begin_fragment(root, meta, settings)
-    write_plane(group, "mask", mask, settings.chunk_px)
     if labels is not None:
         labels = np.bitwise_and(labels, mask, out=labels if labels.flags.writeable else None)
         write_plane(group, "labels", labels, settings.chunk_px)
     del labels, label_image
     mask_bits = np.packbits(mask, axis=1)  # (H, ceil(W / 8)) uint8
+    # The mask and IR planes are written by a thread while the volume is copied (the band
+    # tasks wait on the disk often enough to leave it a core); it holds the last reference
+    # to the mask's pixels, freed once written, before it reads the IR image.
+    held = [mask]
     del mask, mask_image
-    if src.ir_path is not None:
-        write_plane(group, "ir", read_gray(src.ir_path, "IR image"), settings.chunk_px)
     t3 = time.perf_counter()
     volume_path = Path(cfg.out).resolve() / src.id / "volume"  # absolute: remote dask workers
     volume = group["volume"]
     writer = ChunkWriter.for_array(volume) if isinstance(volume, zarr.Array) else None
-    t4 = time.perf_counter()
-    stats, stages = _write_volume(volume_path, frag, mask_bits, settings, cfg, client, writer)
-    stages["volume_wall"] = time.perf_counter() - t4
+    with ThreadPoolExecutor(1, thread_name_prefix="inkpipe-planes") as pool:
+        planes = pool.submit(_write_mask_and_ir, group, held, src.ir_path, settings.chunk_px)
+        t4 = time.perf_counter()
+        stats, stages = _write_volume(volume_path, frag, mask_bits, settings, cfg, client, writer)
+        stages["volume_wall"] = time.perf_counter() - t4
+        stages["planes_overlapped"] = planes.result()
     t4 = time.perf_counter()
     write_windows(group, windows, settings)
     write_table(group, "layer_stats", stats, {"columns": list(STAT_COLUMNS)})
@@ -375,6 +382,17 @@ def _ingest_one(
         f"{len(windows)} windows ({n_pos} with ink)"
     )
     return FragmentResult(src.id, "ingested", seconds, input_bytes, frag.shape, stages)
+
+
+def _write_mask_and_ir(
+    group: zarr.Group, held: list[NDArray[np.uint8]], ir_path: Path | None, chunk_px: int
+) -> float:
+    """Write the mask plane (``held.pop()``, then freed) and the IR plane; return seconds."""
+    t0 = time.perf_counter()
+    write_plane(group, "mask", held.pop(), chunk_px)
+    if ir_path is not None:
+        write_plane(group, "ir", read_gray(ir_path, "IR image"), chunk_px)
+    return time.perf_counter() - t0
 
 
 def sync_filesystem(path: Path) -> None:
@@ -408,7 +426,68 @@ def band_tasks(
     ]
 
 
+RUN_BANDS = 8  # bands of the same layers one task copies in turn, top to bottom
+
+
+def band_runs(
+    shape: tuple[int, int, int], settings: StoreSettings
+) -> list[list[tuple[int, int, int, int]]]:
+    """Group :func:`band_tasks` into runs of up to :data:`RUN_BANDS` bands of the same layers.
+
+    Each run is one task (:func:`copy_run`): it reads its slice files downwards, a band
+    ahead, whatever order the scheduler gives the tasks.
+    """
+    runs: list[list[tuple[int, int, int, int]]] = []
+    for band in band_tasks(shape, settings):
+        if runs and runs[-1][0][0] == band[0] and len(runs[-1]) < RUN_BANDS:
+            runs[-1].append(band)
+        else:
+            runs.append([band])
+    return runs
+
+
 STAGES = ("read", "statistics", "encode", "write")  # per-band stages, timed in each task
+
+
+def copy_run(
+    volume_path: Path,
+    slices: tuple[SliceInfo, ...],
+    run: list[tuple[int, int, int, int]],
+    mask_bits: NDArray[np.uint8],
+    writer: ChunkWriter | None = None,
+) -> BandResult:
+    """Copy a run of bands of the same layers, top to bottom, and summarise it (one dask task).
+
+    Before each band is copied (:func:`copy_band`), the disk is asked for the next one
+    (:func:`~inkpipe.pipeline.tiff.prefetch_rows`; the first band's slices side by side), so
+    the disk reads while this thread computes and writes.
+
+    Args:
+        volume_path, slices, writer: as for :func:`copy_band`.
+        run: consecutive chunk-aligned bands (z0, z1, y0, y1) of the same layers, from
+            :func:`band_runs`.
+        mask_bits: the run's mask rows packed to bits, as for :func:`copy_band`.
+
+    Returns:
+        the sum of the bands' :class:`BandResult`.
+    """
+    top = run[0][2]
+    _prefetch_band(slices, run[0])
+    total: BandResult | None = None
+    for i, band in enumerate(run):
+        if i + 1 < len(run):
+            _prefetch_band(slices, run[i + 1])
+        rows = mask_bits[band[2] - top : band[3] - top]
+        result = copy_band(volume_path, slices, band, rows, writer)
+        total = result if total is None else BandResult.add(total, result)
+    assert total is not None
+    return total
+
+
+def _prefetch_band(slices: tuple[SliceInfo, ...], band: tuple[int, int, int, int]) -> None:
+    z0, z1, y0, y1 = band
+    for z in range(z0, z1):
+        prefetch_rows(slices[z], y0, y1)
 
 
 def copy_band(
@@ -418,7 +497,7 @@ def copy_band(
     mask_bits: NDArray[np.uint8],
     writer: ChunkWriter | None = None,
 ) -> BandResult:
-    """Copy one band of slices into the volume and summarise it (one dask task).
+    """Copy one band of slices into the volume and summarise it (a step of :func:`copy_run`).
 
     Args:
         volume_path: the fragment's ``volume`` array folder.
@@ -434,12 +513,6 @@ def copy_band(
     z0, z1, y0, y1 = band
     clock = time.thread_time  # CPU time of this thread: shares that other load does not skew
     t0 = clock()
-    # The disk is asked for the band's slices at once (read side by side, not one after
-    # another) and for the bands above and below: dask runs the bands of a range of layers
-    # one after another, up or down, so the next task finds its rows on the way or cached.
-    h = y1 - y0
-    for z in range(z0, z1):
-        prefetch_rows(slices[z], y0 - h, y1 + h)
     with BAND_BUFFERS.take((z1 - z0, y1 - y0, slices[0].shape[1])) as data:
         for z in range(z0, z1):
             read_rows_into(slices[z], y0, y1, data[z - z0])
@@ -640,7 +713,7 @@ def layer_statistics(sums: NDArray[np.float64], hists: NDArray[np.int64]) -> NDA
     return np.column_stack([mean, std, p01, p99])
 
 
-REDUCE_FAN_IN = 8  # band results of the same layers summed 8 at a time
+REDUCE_FAN_IN = 8  # run results of the same layers summed 8 at a time
 
 
 def _write_volume(
@@ -656,15 +729,18 @@ def _write_volume(
 
     ``mask_bits`` is the (H, ceil(W / 8)) uint8 mask packed along rows (``np.packbits``).
 
-    Band results (histograms of 65536 bins a layer) are summed in a tree as they come, so
+    Run results (histograms of 65536 bins a layer) are summed in a tree as they come, so
     memory holds a few of them whatever the number of bands.
     """
-    bands = band_tasks(frag.shape, settings)
-    task = dask.delayed(copy_band, pure=False)
-    tasks = [task(volume_path, frag.slices, b, mask_bits[b[2] : b[3]], writer) for b in bands]
+    runs = band_runs(frag.shape, settings)
+    task = dask.delayed(copy_run, pure=False)
+    tasks = [task(volume_path, frag.slices, r, mask_bits[r[0][2] : r[-1][3]], writer) for r in runs]
     z = frag.shape[0]
     row_bytes = frag.shape[2] * 2
-    sizes = {t.key: (b[1] - b[0]) * (b[3] - b[2]) * row_bytes for t, b in zip(tasks, bands)}
+    sizes = {
+        t.key: sum((b[1] - b[0]) * (b[3] - b[2]) for b in r) * row_bytes
+        for t, r in zip(tasks, runs)
+    }
     bar = tqdm(
         total=sum(sizes.values()),
         unit="B",
@@ -677,8 +753,8 @@ def _write_volume(
     # Sum the bands of each layer range first, so that every partial sum holds only the
     # histograms of its few layers; then one sum over the ranges.
     by_layers: dict[int, list[Any]] = {}
-    for t, b in zip(tasks, bands):
-        by_layers.setdefault(b[0], []).append(t)
+    for t, r in zip(tasks, runs):
+        by_layers.setdefault(r[0][0], []).append(t)
     partial = []
     for level in by_layers.values():
         while len(level) > 1:

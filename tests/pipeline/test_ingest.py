@@ -343,18 +343,29 @@ def test_band_buffers_are_reused_and_bounded():
     assert pool._free == []
 
 
-def test_each_band_asks_the_disk_for_its_rows_and_the_bands_above_and_below(
+def test_each_band_is_asked_of_the_disk_once_before_it_is_read(
     fragments_dir, tmp_path, monkeypatch
 ):
-    asked: list[tuple] = []
+    events: list[tuple] = []
     monkeypatch.setattr(
-        ingest_mod, "prefetch_rows", lambda info, y0, y1: asked.append((info.path, y0, y1))
+        ingest_mod,
+        "prefetch_rows",
+        lambda info, y0, y1: events.append(("ask", info.path, y0, y1)),
     )
-    run(fragments_dir, tmp_path / "s.zarr")
-    expect = []
-    for src in ingest_mod.discover_fragments(fragments_dir):
-        frag = ingest_mod.check_fragment(src)
-        for z0, z1, y0, y1 in ingest_mod.band_tasks(frag.shape, TINY):
-            h = y1 - y0
-            expect += [(frag.slices[z].path, y0 - h, y1 + h) for z in range(z0, z1)]
-    assert sorted(asked) == sorted(expect) and len(expect) > 0
+    real = ingest_mod.read_rows_into
+
+    def read(info, y0, y1, out):
+        events.append(("read", info.path, y0, y1))
+        return real(info, y0, y1, out)
+
+    monkeypatch.setattr(ingest_mod, "read_rows_into", read)
+    run(fragments_dir, tmp_path / "s.zarr", workers=1)
+    asked = [e[1:] for e in events if e[0] == "ask"]
+    read_ = [e[1:] for e in events if e[0] == "read"]
+    assert sorted(asked) == sorted(read_) and len(set(asked)) == len(asked) > 0
+    for key in read_:  # asked before read
+        assert events.index(("ask", *key)) < events.index(("read", *key))
+    runs = ingest_mod.band_runs((12, 96, 80), TINY)  # fragment 1: runs of one range of layers
+    assert all(len({b[0] for b in r}) == 1 for r in runs) and len(runs) < len(
+        ingest_mod.band_tasks((12, 96, 80), TINY)
+    )
