@@ -369,3 +369,26 @@ def test_each_band_is_asked_of_the_disk_once_before_it_is_read(
     assert all(len({b[0] for b in r}) == 1 for r in runs) and len(runs) < len(
         ingest_mod.band_tasks((12, 96, 80), TINY)
     )
+
+
+def test_a_broken_ir_image_is_a_one_line_error_and_the_fragment_is_redone(fragments_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from inkpipe.cli import cli
+
+    ir = fragments_dir / "train" / "1" / "ir.png"
+    good = ir.read_bytes()
+    ir.write_bytes(good[: len(good) // 2])  # the header intact, the pixels cut short
+    out = tmp_path / "s.zarr"
+    args = ["ingest", str(fragments_dir), "--out", str(out), "--quiet"]
+    args += ["--chunk-layers", "4", "--chunk-px", "64", "--tile", "32", "--stride", "16"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "IR image" in errors[0] and str(ir) in errors[0], result.output
+    assert result.output.rstrip().endswith(errors[0])  # the last line, nothing after it
+    root = open_store(out)
+    assert not fragment_meta(root, "1").complete  # written while the IR plane failed: redone
+    ir.write_bytes(good)
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert fragment_meta(open_store(out), "1").complete
