@@ -306,9 +306,9 @@ def start_writeback(fd: int) -> None:
 
     ``POSIX_FADV_DONTNEED`` starts the writeback of dirty pages (and drops the pages already
     clean), so the disk writes while ingest goes on and the final ``syncfs`` finds little
-    left: at fragment-1 size the sync fell from 1.1-1.9 s to 0 and ingest ran ~10 % faster
-    from a cold disk. The data stay in the page cache until written. A hint only: nothing
-    happens where it is not supported.
+    left: at fragment-1 size the sync fell from 1.4 s to 0 (``bench_ingest.py``), and trial
+    runs from a cold disk were ~10 % faster. The data stay in the page cache until written. A
+    hint only: nothing happens where it is not supported.
     """
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
