@@ -12,8 +12,10 @@ The predictor is any ``(B, C, t, t) float32 -> (B, t, t) float32`` NumPy callabl
 nothing of models, TTA or ensembles (wrap the predictor with :mod:`inkpipe.infer.tta`).
 
 Tiles are read a few batches ahead by a background thread while the predictor runs on the
-batch before, so a model that is slower than reading never waits for it (reading releases the
-GIL in decompression and NumPy copies, and so does a torch forward pass).
+batch before, and the predictions are blended into the canvas by a second one while the
+predictor runs on the batch after, so the thread that drives the model (a GPU's, say) does
+nothing else: reading releases the GIL in decompression and NumPy copies, blending in NumPy
+additions, and a torch forward pass (or a wait for the device) in its C++ code.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class PadMode(StrEnum):
 
 _RESULT_ROWS = 1024  # rows per block when dividing sum by weight, to bound temporaries
 READ_AHEAD_BATCHES = 2  # batches read ahead of the predictor by default
+BLEND_BEHIND_BATCHES = 2  # predicted batches waiting for the blending thread, by default
 
 Item = TypeVar("Item")
 
@@ -276,6 +279,57 @@ def read_in_background(items: Iterable[Item], depth: int) -> Generator[Item, Non
         thread.join()
 
 
+class BlendInBackground:
+    """Blend batches of predictions into a :class:`BlendAccumulator` from a background thread.
+
+    :meth:`put` hands a batch to the thread and returns at once unless ``depth`` batches are
+    already waiting (then it waits for room); :meth:`close` waits until every batch is blended
+    and stops the thread. An exception the thread meets (e.g. a NaN in a prediction) is
+    raised by the next :meth:`put` or by :meth:`close`; the batches after it are dropped.
+    The arrays put must not be changed afterwards (a predictor returns new ones per call).
+    """
+
+    def __init__(self, acc: BlendAccumulator, depth: int) -> None:
+        """Start the thread.
+
+        Args:
+            acc: the canvases to add to; only the thread touches them until :meth:`close`.
+            depth: batches that may wait for the thread (>= 1).
+        """
+        self.acc = acc
+        self._waiting: queue.Queue[tuple[NDArray[np.float32], NDArray[np.int64]] | None] = (
+            queue.Queue(maxsize=check_int("depth", depth, 1, "e.g. 2"))
+        )
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="inkpipe-blend", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (entry := self._waiting.get()) is not None:
+            if self._error is None:  # after an error, drain the queue so put() never blocks
+                try:
+                    self.acc.add(*entry)
+                except BaseException as exc:  # noqa: BLE001  # raised again by put / close
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, prob: NDArray[np.float32], origins: NDArray[np.int64]) -> None:
+        """Queue (n, t, t) float32 predictions at (n, 2) int64 origins (see ``acc.add``)."""
+        self._raise()
+        self._waiting.put((prob, origins))
+
+    def close(self, check: bool = True) -> None:
+        """Blend what is queued and stop the thread; then, if ``check``, raise its error."""
+        if self._thread.is_alive():
+            self._waiting.put(None)
+            self._thread.join()
+        if check:
+            self._raise()
+
+
 def _read_batches(
     source: Any, batches: list[NDArray[np.int64]], channels: int, tile_px: int
 ) -> Generator[NDArray[np.float32], None, None]:
@@ -308,12 +362,14 @@ def sliding_window_predict(
     pad_mode: PadMode | str = PadMode.CONSTANT,
     out_dir: Path | None = None,
     read_ahead: int = READ_AHEAD_BATCHES,
+    blend_behind: int = BLEND_BEHIND_BATCHES,
 ) -> NDArray[np.float32]:
     """Predict a whole image tile by tile and blend the tiles with an importance map.
 
     Windows come from :func:`grid_windows`; each crop is cast to float32 and handed to
     ``predictor`` in batches (normalization is the predictor's job), read by a background
-    thread up to ``read_ahead`` batches ahead of the predictor. Windows without a single
+    thread up to ``read_ahead`` batches ahead of the predictor, and its outputs are blended by
+    another up to ``blend_behind`` batches behind it (:class:`BlendInBackground`). Windows without a single
     valid pixel are skipped; pixels covered only by skipped windows come out 0. The output is
     not masked by ``valid`` otherwise (post-processing applies the papyrus mask).
 
@@ -338,6 +394,8 @@ def sliding_window_predict(
         out_dir: folder for memory-mapped blend canvases (see :class:`BlendAccumulator`).
         read_ahead: batches read ahead in a background thread (0: read each batch in this
             thread just before predicting it). The predictor always runs in this thread.
+        blend_behind: predicted batches that may wait for the blending thread (0: blend each
+            batch in this thread before predicting the next).
 
     Returns:
         (H, W) float32 array.
@@ -350,6 +408,7 @@ def sliding_window_predict(
     channels, height, width = (int(s) for s in shape)
     batch_size = check_int("batch_size", batch_size, 1, "e.g. 8")
     read_ahead = check_int("read_ahead", read_ahead, 0, "e.g. 2; 0 reads in this thread")
+    blend_behind = check_int("blend_behind", blend_behind, 0, "e.g. 2; 0 blends in this thread")
     mode = check_choice("pad mode", pad_mode, PadMode)
     origins = grid_windows(height, width, tile_px, stride_px)
     t = tile_px
@@ -374,6 +433,7 @@ def sliding_window_predict(
     tiles = _read_batches(source, batches, channels, t)
     if read_ahead > 0:
         tiles = read_in_background(tiles, read_ahead)
+    blend = BlendInBackground(acc, blend_behind) if blend_behind > 0 else None
     try:
         for batch, crops in zip(batches, tiles, strict=True):
             out = np.asarray(predictor(crops), dtype=np.float32)
@@ -384,8 +444,15 @@ def sliding_window_predict(
                     f"predictor returned shape {out.shape} for a batch of shape {crops.shape}, "
                     f"expected ({len(batch)}, {t}, {t}); return one map per window"
                 )
-            acc.add(out, batch)
+            if blend is None:
+                acc.add(out, batch)
+            else:
+                blend.put(out, batch)
+        if blend is not None:
+            blend.close()  # raises what blending met
     finally:
         tiles.close()  # stops the reading thread when the predictor failed
+        if blend is not None:
+            blend.close(check=False)  # the error on its way, if any, is the one to see
     acc.flush()
     return acc.result()

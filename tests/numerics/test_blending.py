@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from inkpipe.numerics.blending import (
     BlendAccumulator,
+    BlendInBackground,
     gaussian_importance,
     read_in_background,
     sliding_window_predict,
@@ -377,3 +378,72 @@ def test_a_failing_predictor_stops_the_reading_thread() -> None:
     assert threading.active_count() == before
     with pytest.raises(ConfigError, match="read_ahead"):
         sliding_window_predict(image, pointwise, 8, 4, read_ahead=-1)
+
+
+# --- blending in a background thread --------------------------------------------------------
+
+
+def test_predictions_are_blended_in_another_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = np.random.default_rng(1).random((2, 40, 36)).astype(np.float32)
+    adders: list[int] = []
+    add = BlendAccumulator.add
+
+    def recording_add(self, prob, origins):
+        adders.append(threading.get_ident())
+        add(self, prob, origins)
+
+    monkeypatch.setattr(BlendAccumulator, "add", recording_add)
+    behind = sliding_window_predict(image, pointwise, 8, 5, batch_size=3)
+    assert adders and threading.get_ident() not in adders
+    adders.clear()
+    here = sliding_window_predict(image, pointwise, 8, 5, batch_size=3, blend_behind=0)
+    assert set(adders) == {threading.get_ident()}
+    np.testing.assert_array_equal(behind, here)
+
+
+@pytest.mark.parametrize("blend_behind", [0, 1, 3])
+def test_a_bad_prediction_is_reported_wherever_it_is_blended(blend_behind: int) -> None:
+    before = threading.active_count()
+    image = np.zeros((1, 64, 64), np.float32)
+    calls = iter(range(100))
+
+    def nan_at_third(batch):
+        out = batch[:, 0].copy()
+        if next(calls) == 2:
+            out[0, 0, 0] = np.nan
+        return out
+
+    with pytest.raises(InvalidInputError, match="NaN"):
+        sliding_window_predict(image, nan_at_third, 8, 4, batch_size=2, blend_behind=blend_behind)
+    assert threading.active_count() == before
+    with pytest.raises(ConfigError, match="blend_behind"):
+        sliding_window_predict(image, pointwise, 8, 4, blend_behind=-1)
+
+
+def test_blend_in_background_raises_at_put_after_an_error_and_never_blocks() -> None:
+    acc = BlendAccumulator((8, 8), 4)
+    blend = BlendInBackground(acc, depth=1)
+    origins = np.zeros((1, 2), np.int64)
+    blend.put(np.full((1, 4, 4), np.nan, np.float32), origins)
+    with pytest.raises(InvalidInputError, match="NaN"):
+        for _ in range(5000):  # the thread drains the queue after the error, so put returns
+            blend.put(np.ones((1, 4, 4), np.float32), origins)
+            time.sleep(0.001)
+    with pytest.raises(InvalidInputError, match="NaN"):
+        blend.close()
+    blend.close(check=False)  # closing again is harmless
+    assert np.all(acc.sum == 0)  # nothing blended after the bad batch
+
+
+def test_a_failing_predictor_stops_the_blending_thread() -> None:
+    before = threading.active_count()
+    calls = iter(range(100))
+
+    def fails_late(batch):
+        if next(calls) == 3:
+            raise RuntimeError("CUDA out of memory")
+        return batch[:, 0]
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sliding_window_predict(np.zeros((1, 64, 64), np.float32), fails_late, 8, 4, batch_size=2)
+    assert threading.active_count() == before
