@@ -25,11 +25,13 @@ also as ``<id>_probability.tif`` (tiled, compressed) and ``<id>_probability.ome.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -484,6 +486,26 @@ def _resize(image: Array2D, size: tuple[int, int]) -> Array2D:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
 
 
+@functools.cache
+def _overlay_tables() -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
+    """Look-up tables of :func:`render_overlay`, indexed by ``(a << 8) | b`` of two uint8.
+
+    ``base[(gray << 8) | papyrus]`` is the gray darkened by how far the pixel lies outside the
+    papyrus, (65536,) uint8; ``tint[(base << 8) | ink]`` is the RGB of that gray tinted by
+    the ink's alpha, (65536, 3) uint8. Two look-ups per pixel instead of float arithmetic on
+    three channels (several times faster), within one level of the float formula.
+    """
+    v = np.arange(256, dtype=np.float64)
+    base = v[:, None] * (OVERLAY_DARKEN + (1 - OVERLAY_DARKEN) * v[None, :] / 255)
+    alpha = v[None, :] * (OVERLAY_ALPHA / 255)
+    tint = np.stack([v[:, None] * (1 - alpha) + c * alpha for c in OVERLAY_COLOR], axis=-1)
+
+    def table(values: NDArray[np.float64]) -> NDArray[np.uint8]:
+        return np.clip(values + 0.5, 0, 255).astype(np.uint8).reshape(65536, *values.shape[2:])
+
+    return table(base), table(tint)
+
+
 def render_overlay(
     gray: Array2D, papyrus: Array2D, ink: Array2D, max_px: int = OVERLAY_MAX_PX
 ) -> tuple[NDArray[np.uint8], float]:
@@ -509,15 +531,16 @@ def render_overlay(
     if scale < 1:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         gray, papyrus_u8, ink_u8 = (_resize(a, size) for a in (gray, papyrus_u8, ink_u8))
+    base_of, tint_of = _overlay_tables()
     rgb = np.empty((*gray.shape, 3), dtype=np.uint8)
-    color = np.asarray(OVERLAY_COLOR, dtype=np.float32)
     for lo in range(0, gray.shape[0], _ROWS):
         rows = slice(lo, lo + _ROWS)
-        inside = papyrus_u8[rows].astype(np.float32) / 255
-        base = gray[rows].astype(np.float32) * (OVERLAY_DARKEN + (1 - OVERLAY_DARKEN) * inside)
-        alpha = (ink_u8[rows].astype(np.float32) * (OVERLAY_ALPHA / 255))[..., None]
-        block = base[..., None] * (1 - alpha) + color * alpha
-        rgb[rows] = np.clip(block + 0.5, 0, 255)
+        pair = gray[rows].astype(np.uint16) << 8
+        pair |= papyrus_u8[rows]
+        base = base_of[pair]  # uint8 papyrus gray, or darkened outside
+        pair = base.astype(np.uint16) << 8
+        pair |= ink_u8[rows]
+        rgb[rows] = tint_of[pair]
     return rgb, gray.shape[0] / height
 
 
@@ -609,25 +632,41 @@ def _predict_fragment(
             shutil.rmtree(spill, ignore_errors=True)
     del view  # frees the chunk cache
     np.multiply(prob, mask, out=prob)  # no probability outside the papyrus
-    ink = postprocess(prob, threshold, cfg.open_px, cfg.min_area, papyrus_mask=mask)
     prob_u8 = probability_to_uint8(prob)
-    del prob
-    prob_png = write_png(cfg.out / f"{frag.id}_probability.png", prob_u8, PNG_LEVEL)
-    prob_tif = prob_zarr = None
-    if cfg.save_probabilities:
-        prob_tif = write_probability_tiff(cfg.out / f"{frag.id}_probability.tif", prob_u8, frag.id)
-    if cfg.save_ome_zarr:
-        prob_zarr = write_probability_ome_zarr(
-            cfg.out / f"{frag.id}_probability.ome.zarr", prob_u8, frag.id
+    # The files are written by two threads (PNG, TIFF and Zarr encoders release the GIL)
+    # while this one finds the ink and draws the overlay.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="inkpipe-outputs") as pool:
+        prob_png = pool.submit(
+            write_png, cfg.out / f"{frag.id}_probability.png", prob_u8, PNG_LEVEL
         )
-    del prob_u8
-    rle = encode_rle(ink)
-    ink_px = int(np.count_nonzero(ink))
-    papyrus_px = int(np.count_nonzero(mask))
-    mask_png = write_png(cfg.out / f"{frag.id}_mask.png", ink * np.uint8(255), PNG_LEVEL)
-    gray, what = overlay_background(frag, layers)
-    overlay, scale = render_overlay(gray, mask, ink, OVERLAY_MAX_PX)
-    overlay_png = write_png(cfg.out / f"{frag.id}_overlay.png", overlay, PNG_LEVEL)
+        prob_tif = prob_zarr = None
+        if cfg.save_probabilities:
+            prob_tif = pool.submit(
+                write_probability_tiff, cfg.out / f"{frag.id}_probability.tif", prob_u8, frag.id
+            )
+        if cfg.save_ome_zarr:
+            prob_zarr = pool.submit(
+                write_probability_ome_zarr,
+                cfg.out / f"{frag.id}_probability.ome.zarr",
+                prob_u8,
+                frag.id,
+            )
+        del prob_u8  # the writers hold it until they are done
+        ink = postprocess(prob, threshold, cfg.open_px, cfg.min_area, papyrus_mask=mask)
+        del prob
+        mask_png = pool.submit(
+            write_png, cfg.out / f"{frag.id}_mask.png", ink * np.uint8(255), PNG_LEVEL
+        )
+        rle = encode_rle(ink)
+        ink_px = int(np.count_nonzero(ink))
+        papyrus_px = int(np.count_nonzero(mask))
+        gray, what = overlay_background(frag, layers)
+        overlay, scale = render_overlay(gray, mask, ink, OVERLAY_MAX_PX)
+        del gray, ink
+        overlay_png = write_png(cfg.out / f"{frag.id}_overlay.png", overlay, PNG_LEVEL)
+    prob_png_path, mask_png_path = prob_png.result(), mask_png.result()  # raise what failed
+    prob_tif_path = None if prob_tif is None else prob_tif.result()
+    prob_zarr_path = None if prob_zarr is None else prob_zarr.result()
     if scale < 1:
         log(
             f"fragment {frag.id}: overlay reduced to {overlay.shape[1]}x{overlay.shape[0]} px "
@@ -645,12 +684,12 @@ def _predict_fragment(
         frag.id,
         shape,
         fraction,
-        prob_png,
-        mask_png,
+        prob_png_path,
+        mask_png_path,
         overlay_png,
         round(seconds, 3),
-        probability_tif=prob_tif,
-        probability_ome_zarr=prob_zarr,
+        probability_tif=prob_tif_path,
+        probability_ome_zarr=prob_zarr_path,
     )
     return result, rle
 

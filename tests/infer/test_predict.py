@@ -11,6 +11,9 @@ from PIL import Image
 
 from inkpipe.infer import predict as predict_module
 from inkpipe.infer.predict import (
+    OVERLAY_ALPHA,
+    OVERLAY_COLOR,
+    OVERLAY_DARKEN,
     FragmentPrediction,
     PredictConfig,
     checkpoint_normalize,
@@ -279,6 +282,33 @@ def test_render_overlay_tints_ink_and_darkens_outside():
     assert small.shape == (10, 5, 3) and scale == pytest.approx(0.1)
 
 
+def _overlay_by_formula(gray, papyrus_u8, ink_u8):
+    """The overlay's float formula on uint8 gray, papyrus (0..255) and ink (0..255) planes."""
+    inside = papyrus_u8.astype(np.float64) / 255
+    base = gray.astype(np.float64) * (OVERLAY_DARKEN + (1 - OVERLAY_DARKEN) * inside)
+    alpha = (ink_u8.astype(np.float64) * (OVERLAY_ALPHA / 255))[..., None]
+    rgb = base[..., None] * (1 - alpha) + np.asarray(OVERLAY_COLOR) * alpha
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("max_px", [4096, 37])
+def test_render_overlay_within_one_level_of_the_formula(max_px):
+    rng = np.random.default_rng(max_px)
+    gray = rng.integers(0, 256, (120, 90), dtype=np.uint8)
+    papyrus = (rng.random((120, 90)) < 0.7).astype(np.uint8)
+    ink = (rng.random((120, 90)) < 0.3).astype(np.uint8)
+    rgb, scale = render_overlay(gray, papyrus, ink, max_px)
+    planes = [gray, papyrus * np.uint8(255), ink * np.uint8(255)]
+    if scale < 1:  # the reduced planes hold fractions of papyrus and ink
+        planes = [
+            np.asarray(Image.fromarray(a).resize(rgb.shape[1::-1], Image.Resampling.BOX))
+            for a in planes
+        ]
+        assert len(np.unique(planes[1])) > 2
+    expected = _overlay_by_formula(*planes)
+    assert np.abs(rgb.astype(int) - expected).max() <= 1
+
+
 @pytest.mark.parametrize("tile,stride", [(32, 16), (32, 32), (32, 5), (128, 64)])
 def test_count_windows_matches_the_windows_predicted(tile, stride):
     rng = np.random.default_rng(tile + stride)
@@ -416,3 +446,26 @@ def test_evaluate_scores_the_prediction(store_run, tiny_store):
         pred = read_gray(out / f"{score.id}_mask.png")
         truth = read_gray(labels_dir / score.id / "inklabels.png")
         assert score.fbeta == pytest.approx(fbeta_score(pred, truth))
+
+
+def test_a_failed_picture_write_fails_the_run_and_leaves_no_submission(
+    tiny_store, ckpts, tmp_path, monkeypatch
+):
+    """The files are written by helper threads; what one of them meets still reaches the caller."""
+
+    def full_disk(path, prob, fragment_id):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(predict_module, "write_probability_tiff", full_disk)
+    out = tmp_path / "out"
+    cfg = PredictConfig(
+        checkpoints=(ckpts["a"],),
+        fragments=("1",),
+        out=out,
+        store=tiny_store,
+        save_probabilities=True,
+        **QUIET,
+    )
+    with pytest.raises(OSError, match="disk is full writing the predictions"):
+        predict(cfg, log=lambda s: None)
+    assert not (out / "submission.csv").exists()
