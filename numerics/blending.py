@@ -369,9 +369,10 @@ def sliding_window_predict(
     Windows come from :func:`grid_windows`; each crop is cast to float32 and handed to
     ``predictor`` in batches (normalization is the predictor's job), read by a background
     thread up to ``read_ahead`` batches ahead of the predictor, and its outputs are blended by
-    another up to ``blend_behind`` batches behind it (:class:`BlendInBackground`). Windows without a single
-    valid pixel are skipped; pixels covered only by skipped windows come out 0. The output is
-    not masked by ``valid`` otherwise (post-processing applies the papyrus mask).
+    another up to ``blend_behind`` batches behind it (:class:`BlendInBackground`). Windows
+    without a single valid pixel are skipped; pixels covered only by skipped windows come out
+    0. The output is not masked by ``valid`` otherwise (post-processing applies the papyrus
+    mask).
 
     An image smaller than a tile is padded at the bottom/right to one tile with ``pad_mode``
     (``"constant"``: zeros, as MONAI; ``"reflect"``: mirrored) and the padding is dropped from
