@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,7 +50,7 @@ class PadMode(StrEnum):
 
 _RESULT_ROWS = 1024  # rows per block when dividing sum by weight, to bound temporaries
 READ_AHEAD_BATCHES = 2  # batches read ahead of the predictor by default
-BLEND_BEHIND_BATCHES = 2  # predicted batches waiting for the blending thread, by default
+BLEND_BEHIND_BATCHES = 2  # predicted batches that may wait for the blending thread
 
 Item = TypeVar("Item")
 
@@ -279,57 +281,6 @@ def read_in_background(items: Iterable[Item], depth: int) -> Generator[Item, Non
         thread.join()
 
 
-class BlendInBackground:
-    """Blend batches of predictions into a :class:`BlendAccumulator` from a background thread.
-
-    :meth:`put` hands a batch to the thread and returns at once unless ``depth`` batches are
-    already waiting (then it waits for room); :meth:`close` waits until every batch is blended
-    and stops the thread. An exception the thread meets (e.g. a NaN in a prediction) is
-    raised by the next :meth:`put` or by :meth:`close`; the batches after it are dropped.
-    The arrays put must not be changed afterwards (a predictor returns new ones per call).
-    """
-
-    def __init__(self, acc: BlendAccumulator, depth: int) -> None:
-        """Start the thread.
-
-        Args:
-            acc: the canvases to add to; only the thread touches them until :meth:`close`.
-            depth: batches that may wait for the thread (>= 1).
-        """
-        self.acc = acc
-        self._waiting: queue.Queue[tuple[NDArray[np.float32], NDArray[np.int64]] | None] = (
-            queue.Queue(maxsize=check_int("depth", depth, 1, "e.g. 2"))
-        )
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="inkpipe-blend", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (entry := self._waiting.get()) is not None:
-            if self._error is None:  # after an error, drain the queue so put() never blocks
-                try:
-                    self.acc.add(*entry)
-                except BaseException as exc:  # noqa: BLE001  # raised again by put / close
-                    self._error = exc
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def put(self, prob: NDArray[np.float32], origins: NDArray[np.int64]) -> None:
-        """Queue (n, t, t) float32 predictions at (n, 2) int64 origins (see ``acc.add``)."""
-        self._raise()
-        self._waiting.put((prob, origins))
-
-    def close(self, check: bool = True) -> None:
-        """Blend what is queued and stop the thread; then, if ``check``, raise its error."""
-        if self._thread.is_alive():
-            self._waiting.put(None)
-            self._thread.join()
-        if check:
-            self._raise()
-
-
 def _read_batches(
     source: Any, batches: list[NDArray[np.int64]], channels: int, tile_px: int
 ) -> Generator[NDArray[np.float32], None, None]:
@@ -369,7 +320,7 @@ def sliding_window_predict(
     Windows come from :func:`grid_windows`; each crop is cast to float32 and handed to
     ``predictor`` in batches (normalization is the predictor's job), read by a background
     thread up to ``read_ahead`` batches ahead of the predictor, and its outputs are blended by
-    another up to ``blend_behind`` batches behind it (:class:`BlendInBackground`). Windows
+    another, at most ``blend_behind`` batches waiting behind the one it blends. Windows
     without a single valid pixel are skipped; pixels covered only by skipped windows come out
     0. The output is not masked by ``valid`` otherwise (post-processing applies the papyrus
     mask).
@@ -434,7 +385,9 @@ def sliding_window_predict(
     tiles = _read_batches(source, batches, channels, t)
     if read_ahead > 0:
         tiles = read_in_background(tiles, read_ahead)
-    blend = BlendInBackground(acc, blend_behind) if blend_behind > 0 else None
+    # One blending thread adds the batches in order; what it meets (a NaN) is raised here.
+    blender = ThreadPoolExecutor(1, "inkpipe-blend") if blend_behind > 0 else None
+    blending: deque[Future[None]] = deque()
     try:
         for batch, crops in zip(batches, tiles, strict=True):
             out = np.asarray(predictor(crops), dtype=np.float32)
@@ -445,15 +398,17 @@ def sliding_window_predict(
                     f"predictor returned shape {out.shape} for a batch of shape {crops.shape}, "
                     f"expected ({len(batch)}, {t}, {t}); return one map per window"
                 )
-            if blend is None:
+            if blender is None:
                 acc.add(out, batch)
-            else:
-                blend.put(out, batch)
-        if blend is not None:
-            blend.close()  # raises what blending met
+                continue
+            blending.append(blender.submit(acc.add, out, batch))
+            if len(blending) > blend_behind:
+                blending.popleft().result()
+        for added in blending:
+            added.result()
     finally:
         tiles.close()  # stops the reading thread when the predictor failed
-        if blend is not None:
-            blend.close(check=False)  # the error on its way, if any, is the one to see
+        if blender is not None:
+            blender.shutdown(cancel_futures=True)  # after a failure: drops what is waiting
     acc.flush()
     return acc.result()

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from inkpipe.numerics.blending import (
     BlendAccumulator,
-    BlendInBackground,
     gaussian_importance,
     read_in_background,
     sliding_window_predict,
@@ -418,21 +417,6 @@ def test_a_bad_prediction_is_reported_wherever_it_is_blended(blend_behind: int) 
     assert threading.active_count() == before
     with pytest.raises(ConfigError, match="blend_behind"):
         sliding_window_predict(image, pointwise, 8, 4, blend_behind=-1)
-
-
-def test_blend_in_background_raises_at_put_after_an_error_and_never_blocks() -> None:
-    acc = BlendAccumulator((8, 8), 4)
-    blend = BlendInBackground(acc, depth=1)
-    origins = np.zeros((1, 2), np.int64)
-    blend.put(np.full((1, 4, 4), np.nan, np.float32), origins)
-    with pytest.raises(InvalidInputError, match="NaN"):
-        for _ in range(5000):  # the thread drains the queue after the error, so put returns
-            blend.put(np.ones((1, 4, 4), np.float32), origins)
-            time.sleep(0.001)
-    with pytest.raises(InvalidInputError, match="NaN"):
-        blend.close()
-    blend.close(check=False)  # closing again is harmless
-    assert np.all(acc.sum == 0)  # nothing blended after the bad batch
 
 
 def test_a_failing_predictor_stops_the_blending_thread() -> None:
