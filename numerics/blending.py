@@ -15,16 +15,21 @@ Tiles are read a few batches ahead by a background thread while the predictor ru
 batch before, and the predictions are blended into the canvas by a second one while the
 predictor runs on the batch after, so the thread that drives the model (a GPU's, say) does
 nothing else: reading releases the GIL in decompression and NumPy copies, blending in NumPy
-additions, and a torch forward pass (or a wait for the device) in its C++ code.
+additions, and a torch forward pass (or a wait for the device) in its C++ code. While the
+threads run, a thread waiting for the GIL asks for it after 0.5 ms instead of Python's 5 ms
+(:func:`short_gil_turns`), so the model's thread does not idle for most of a small batch's
+forward pass behind the Python code of the other two.
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +56,7 @@ class PadMode(StrEnum):
 _RESULT_ROWS = 1024  # rows per block when dividing sum by weight, to bound temporaries
 READ_AHEAD_BATCHES = 2  # batches read ahead of the predictor by default
 BLEND_BEHIND_BATCHES = 2  # predicted batches that may wait for the blending thread
+GIL_TURN_S = 0.0005  # Python's switch interval while the reading and blending threads run
 
 Item = TypeVar("Item")
 
@@ -224,6 +230,24 @@ class BlendAccumulator:
                 canvas.flush()
 
 
+@contextmanager
+def short_gil_turns(seconds: float = GIL_TURN_S) -> Generator[None, None, None]:
+    """Shorten Python's thread switch interval (``sys.setswitchinterval``) for the block.
+
+    A thread that wants the GIL waits one switch interval (5 ms by default) before it asks the
+    holder to let go. In prediction the model's thread takes the GIL back after every forward
+    pass, which takes a few ms for the CPU recipe's batch or on a GPU; the reading and blending
+    threads' Python code would delay it by up to the interval each time. The interval goes back
+    to what it was on leaving (a longer one set by the caller is shortened only inside).
+    """
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
 def _batches(items: NDArray[np.int64], batch_size: int) -> Iterator[NDArray[np.int64]]:
     for lo in range(0, len(items), batch_size):
         yield items[lo : lo + batch_size]
@@ -388,27 +412,28 @@ def sliding_window_predict(
     # One blending thread adds the batches in order; what it meets (a NaN) is raised here.
     blender = ThreadPoolExecutor(1, "inkpipe-blend") if blend_behind > 0 else None
     blending: deque[Future[None]] = deque()
-    try:
-        for batch, crops in zip(batches, tiles, strict=True):
-            out = np.asarray(predictor(crops), dtype=np.float32)
-            if out.ndim == 4 and out.shape[1] == 1:
-                out = out[:, 0]
-            if out.shape != (len(batch), t, t):
-                raise InvalidInputError(
-                    f"predictor returned shape {out.shape} for a batch of shape {crops.shape}, "
-                    f"expected ({len(batch)}, {t}, {t}); return one map per window"
-                )
-            if blender is None:
-                acc.add(out, batch)
-                continue
-            blending.append(blender.submit(acc.add, out, batch))
-            if len(blending) > blend_behind:
-                blending.popleft().result()
-        for added in blending:
-            added.result()
-    finally:
-        tiles.close()  # stops the reading thread when the predictor failed
-        if blender is not None:
-            blender.shutdown(cancel_futures=True)  # after a failure: drops what is waiting
+    with short_gil_turns():
+        try:
+            for batch, crops in zip(batches, tiles, strict=True):
+                out = np.asarray(predictor(crops), dtype=np.float32)
+                if out.ndim == 4 and out.shape[1] == 1:
+                    out = out[:, 0]
+                if out.shape != (len(batch), t, t):
+                    raise InvalidInputError(
+                        f"predictor returned shape {out.shape} for a batch of shape {crops.shape}, "
+                        f"expected ({len(batch)}, {t}, {t}); return one map per window"
+                    )
+                if blender is None:
+                    acc.add(out, batch)
+                    continue
+                blending.append(blender.submit(acc.add, out, batch))
+                if len(blending) > blend_behind:
+                    blending.popleft().result()
+            for added in blending:
+                added.result()
+        finally:
+            tiles.close()  # stops the reading thread when the predictor failed
+            if blender is not None:
+                blender.shutdown(cancel_futures=True)  # after a failure: drops what is waiting
     acc.flush()
     return acc.result()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -10,9 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inkpipe.numerics.blending import (
+    GIL_TURN_S,
     BlendAccumulator,
     gaussian_importance,
     read_in_background,
+    short_gil_turns,
     sliding_window_predict,
 )
 from inkpipe.pipeline.errors import ConfigError, InvalidInputError
@@ -431,3 +434,26 @@ def test_a_failing_predictor_stops_the_blending_thread() -> None:
     with pytest.raises(RuntimeError, match="out of memory"):
         sliding_window_predict(np.zeros((1, 64, 64), np.float32), fails_late, 8, 4, batch_size=2)
     assert threading.active_count() == before
+
+
+def test_threads_take_short_gil_turns_while_predicting_and_the_interval_comes_back() -> None:
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+
+    def recording(batch):
+        seen.append(sys.getswitchinterval())
+        if len(seen) == 3:
+            raise RuntimeError("CUDA out of memory")
+        return batch[:, 0]
+
+    image = np.zeros((1, 64, 64), np.float32)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sliding_window_predict(image, recording, 8, 4, batch_size=2)
+    assert seen and max(seen) <= GIL_TURN_S < before
+    assert sys.getswitchinterval() == before
+    sys.setswitchinterval(1e-4)  # a caller's shorter interval is kept
+    try:
+        with short_gil_turns():
+            assert sys.getswitchinterval() == pytest.approx(1e-4, abs=2e-6)
+    finally:
+        sys.setswitchinterval(before)
