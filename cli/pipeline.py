@@ -124,6 +124,14 @@ def synth_command(
 )
 @click.option("--overwrite", is_flag=True, help="Redo fragments even if unchanged.")
 @click.option(
+    "--direct-io/--no-direct-io",
+    default=default_of(IngestConfig, "direct_io"),
+    show_default=True,
+    help="Read the slices and write the chunks past the page cache (O_DIRECT) where the file "
+    "system allows it: each byte passes once, at a fraction of the CPU. --no-direct-io goes "
+    "through the page cache.",
+)
+@click.option(
     "--chunk-layers", type=int, default=None, help=_setting_help("Layers per chunk", "chunk_layers")
 )
 @click.option(
@@ -174,6 +182,7 @@ def ingest_command(
     workers: int,
     scheduler: str | None,
     overwrite: bool,
+    direct_io: bool,
     quiet: bool,
     **settings: Any,
 ) -> None:
@@ -197,6 +206,7 @@ def ingest_command(
         overwrite=overwrite,
         fragment_ids=fragment_ids or None,
         progress=not quiet,
+        direct_io=direct_io,
     )
     results = ingest(cfg, log=click.echo)
     done = sum(r.status == "ingested" for r in results)

@@ -39,6 +39,7 @@ from numpy.typing import NDArray
 from zarr.codecs import BloscCodec, BytesCodec
 from zarr.storage import LocalStore
 
+from .direct import write_direct
 from .errors import StoreError
 
 CHUNK_KEY_PREFIX = "c"  # Zarr v3 default chunk-key encoding: c/<z>/<y>/<x>
@@ -331,6 +332,9 @@ class ChunkWriter:
         root: the array's folder (``<fragment>/volume``).
         chunks: chunk shape (cz, cy, cx).
         cname, clevel, shuffle: the Blosc settings of the array's ``blosc`` codec.
+        direct: write each file past the page cache (``O_DIRECT``,
+            :func:`~inkpipe.pipeline.direct.write_direct`) where the file system allows it;
+            otherwise, and with False, write it the ordinary way and start its writeback.
     """
 
     root: Path
@@ -338,9 +342,10 @@ class ChunkWriter:
     cname: str
     clevel: int
     shuffle: str
+    direct: bool = False
 
     @classmethod
-    def for_array(cls, volume: zarr.Array) -> ChunkWriter | None:
+    def for_array(cls, volume: zarr.Array, direct: bool = False) -> ChunkWriter | None:
         """Return a writer for ``volume``'s chunk files, or None if they have another format."""
         root = direct_read_dir(volume)
         if root is None:
@@ -353,6 +358,7 @@ class ChunkWriter:
             str(getattr(codec.cname, "value", codec.cname)),
             int(codec.clevel),
             str(getattr(codec.shuffle, "value", codec.shuffle)),
+            direct,
         )
 
     def encode(self, chunk: NDArray[np.uint16], padded: bool = False) -> bytes | None:
@@ -381,6 +387,8 @@ class ChunkWriter:
             path.unlink(missing_ok=True)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self.direct and write_direct(path, data):
+            return
         with open(path, "wb") as fh:
             fh.write(data)
             start_writeback(fh.fileno())

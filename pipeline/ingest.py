@@ -3,10 +3,11 @@
 Each fragment's slices are read in bands of ``chunk_layers`` layers x ``chunk_px`` rows x the
 full width (one ``pread`` per slice and band), written chunk-aligned into the volume, and
 reduced to per-layer intensity statistics inside the mask. One dask task copies a run of
-bands of the same layers top to bottom, asking the disk for each next band ahead, so peak
-memory is a few bands whatever the fragment's size or layer count. Tasks run on dask's local
-threads (``workers``) or on a dask.distributed cluster (``scheduler``); meanwhile a thread
-writes the mask and IR planes.
+bands of the same layers top to bottom, a thread reading each next band meanwhile, so peak
+memory is a few bands whatever the fragment's size or layer count. Slices are read and chunk
+files written past the page cache (``O_DIRECT``) where the file system allows it. Tasks run
+on dask's local threads (``workers``) or on a dask.distributed cluster (``scheduler``);
+meanwhile a thread writes the mask and IR planes.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from .store import (
     write_table,
     write_windows,
 )
-from .tiff import SliceInfo, prefetch_rows, read_rows_into
+from .tiff import SliceInfo, read_rows_into
 from .windows import INK_PX, index_windows
 
 HIST_BINS = 65536  # layer histograms: one bin per uint16 value
@@ -76,6 +77,10 @@ class IngestConfig:
         overwrite: re-ingest complete fragments even if their sources are unchanged.
         fragment_ids: restrict to these ids (None: all found).
         progress: show a progress bar per fragment.
+        direct_io: read the slices and write the chunk files past the page cache
+            (``O_DIRECT``, :mod:`~inkpipe.pipeline.direct`) where the file system allows it:
+            each byte passes once, and the page cache's work per page was most of ingest's
+            CPU. False reads and writes through the page cache.
     """
 
     root: Path
@@ -87,6 +92,7 @@ class IngestConfig:
     overwrite: bool = False
     fragment_ids: tuple[str, ...] | None = None
     progress: bool = True
+    direct_io: bool = True
 
 
 @dataclass(frozen=True)
@@ -338,8 +344,8 @@ def _ingest_one(
         extra={"source_dir": str(src.path.resolve()), "dtype": frag.dtype},
     )
     # The 2-D images first, each freed once written, so that only the mask's bits (for the
-    # statistics) are held while the volume is copied: at 14830 x 9506 px a plane is 141 MB,
-    # its bits 18 MB.
+    # statistics and the mask plane) are held while the volume is copied: at 14830 x 9506 px
+    # a plane is 141 MB, its bits 18 MB.
     t1 = time.perf_counter()
     windows = index_windows(
         mask, labels, settings.tile_px, settings.stride_px, settings.min_coverage
@@ -351,29 +357,34 @@ def _ingest_one(
         write_plane(group, "labels", labels, settings.chunk_px)
     del labels, label_image
     mask_bits = np.packbits(mask, axis=1)  # (H, ceil(W / 8)) uint8
-    # The mask and IR planes are written by a thread while the volume is copied (the band
-    # tasks wait on the disk often enough to leave it a core); it holds the last reference
-    # to the mask's pixels, freed once written, before it reads the IR image.
-    held = [mask]
     del mask, mask_image
     t3 = time.perf_counter()
     volume_path = Path(cfg.out).resolve() / src.id / "volume"  # absolute: remote dask workers
     volume = group["volume"]
-    writer = ChunkWriter.for_array(volume) if isinstance(volume, zarr.Array) else None
+    writer = (
+        ChunkWriter.for_array(volume, cfg.direct_io) if isinstance(volume, zarr.Array) else None
+    )
+    # The mask plane is written from its bits by a thread while the volume is copied (the band
+    # tasks wait on the disk often enough to leave it a core); the IR image after the copy,
+    # so that its 141 MB of pixels never meet the band buffers in memory.
+    mask_rows = BitRows(mask_bits, frag.shape[2])
     with ThreadPoolExecutor(1, thread_name_prefix="inkpipe-planes") as pool:
-        planes = pool.submit(_write_mask_and_ir, group, held, src.ir_path, settings.chunk_px)
+        planes = pool.submit(_timed, write_plane, group, "mask", mask_rows, settings.chunk_px)
         t4 = time.perf_counter()
         stats, stages = _write_volume(volume_path, frag, mask_bits, settings, cfg, client, writer)
         stages["volume_wall"] = time.perf_counter() - t4
         stages["planes_overlapped"] = planes.result()
-    t4 = time.perf_counter()
+    t_copied = time.perf_counter()
+    if src.ir_path is not None:
+        write_plane(group, "ir", read_gray(src.ir_path, "IR image"), settings.chunk_px)
+    t_ir = time.perf_counter()
     write_windows(group, windows, settings)
     write_table(group, "layer_stats", stats, {"columns": list(STAT_COLUMNS)})
     t5 = time.perf_counter()
     # The chunk files reach the disk before the completion marker says they are there.
     sync_filesystem(Path(cfg.out))
     t6 = time.perf_counter()
-    stages.update(planes=t3 - t2, windows=(t2 - t1) + (t5 - t4), fsync=t6 - t5)
+    stages.update(planes=t3 - t2 + t_ir - t_copied, windows=(t2 - t1) + (t5 - t_ir), fsync=t6 - t5)
     seconds = time.perf_counter() - t0
     meta = replace(meta, extra={**meta.extra, "ingest_seconds": round(seconds, 3)})
     finish_fragment(root, group, meta)
@@ -386,15 +397,33 @@ def _ingest_one(
     return FragmentResult(src.id, "ingested", seconds, input_bytes, frag.shape, stages)
 
 
-def _write_mask_and_ir(
-    group: zarr.Group, held: list[NDArray[np.uint8]], ir_path: Path | None, chunk_px: int
-) -> float:
-    """Write the mask plane (``held.pop()``, then freed) and the IR plane; return seconds."""
+def _timed(fn: Callable[..., Any], *args: Any) -> float:
+    """Call ``fn(*args)``; return the seconds it took."""
     t0 = time.perf_counter()
-    write_plane(group, "mask", held.pop(), chunk_px)
-    if ir_path is not None:
-        write_plane(group, "ir", read_gray(ir_path, "IR image"), chunk_px)
+    fn(*args)
     return time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class BitRows:
+    """A 0/1 uint8 image held as bits, unpacked a block of rows at a time (for :func:`write_plane`).
+
+    Attributes:
+        bits: (H, ceil(W / 8)) uint8, ``np.packbits(image, axis=1)``.
+        width: W.
+    """
+
+    bits: NDArray[np.uint8]
+    width: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W)."""
+        return (int(self.bits.shape[0]), self.width)
+
+    def __getitem__(self, rows: slice) -> NDArray[np.uint8]:
+        """(len(rows), W) uint8 0/1: the image's ``rows``."""
+        return np.unpackbits(self.bits[rows], axis=1, count=self.width)
 
 
 def sync_filesystem(path: Path) -> None:
@@ -457,73 +486,99 @@ def copy_run(
     run: list[tuple[int, int, int, int]],
     mask_bits: NDArray[np.uint8],
     writer: ChunkWriter | None = None,
+    direct: bool = False,
 ) -> BandResult:
     """Copy a run of bands of the same layers, top to bottom, and summarise it (one dask task).
 
-    Before each band is copied (:func:`copy_band`), the disk is asked for the next one
-    (:func:`~inkpipe.pipeline.tiff.prefetch_rows`; the first band's slices side by side), so
-    the disk reads while this thread computes and writes.
+    A reading thread reads each next band (:func:`read_band`) while this one summarises and
+    writes the band before (:func:`copy_band`): two band buffers, so the disk reads while the
+    CPU works, with or without the page cache.
 
     Args:
         volume_path, slices, writer: as for :func:`copy_band`.
         run: consecutive chunk-aligned bands (z0, z1, y0, y1) of the same layers, from
             :func:`band_runs`.
         mask_bits: the run's mask rows packed to bits, as for :func:`copy_band`.
+        direct: read the slices with ``O_DIRECT`` where possible (see :func:`read_band`).
 
     Returns:
         the sum of the bands' :class:`BandResult`.
     """
     top = run[0][2]
-    _prefetch_band(slices, run[0])
+    layers = run[0][1] - run[0][0]
+    shape = (layers, max(b[3] - b[2] for b in run), slices[0].shape[1])
     total: BandResult | None = None
-    for i, band in enumerate(run):
-        if i + 1 < len(run):
-            _prefetch_band(slices, run[i + 1])
-        rows = mask_bits[band[2] - top : band[3] - top]
-        result = copy_band(volume_path, slices, band, rows, writer)
-        total = result if total is None else BandResult.add(total, result)
+    with (
+        BAND_BUFFERS.take(shape) as first,
+        BAND_BUFFERS.take(shape) as second,
+        ThreadPoolExecutor(1, thread_name_prefix="inkpipe-read") as reader,
+    ):
+        buffers = (first, second)
+
+        def read(i: int) -> tuple[NDArray[np.uint16], float]:
+            data = buffers[i % 2][:, : run[i][3] - run[i][2]]
+            t0 = time.thread_time()
+            read_band(slices, run[i], data, direct)
+            return data, time.thread_time() - t0
+
+        pending = reader.submit(read, 0)
+        for i, band in enumerate(run):
+            data, read_s = pending.result()
+            if i + 1 < len(run):
+                pending = reader.submit(read, i + 1)
+            rows = mask_bits[band[2] - top : band[3] - top]
+            result = copy_band(volume_path, band, data, rows, writer, read_s)
+            total = result if total is None else BandResult.add(total, result)
     assert total is not None
     return total
 
 
-def _prefetch_band(slices: tuple[SliceInfo, ...], band: tuple[int, int, int, int]) -> None:
+def read_band(
+    slices: tuple[SliceInfo, ...],
+    band: tuple[int, int, int, int],
+    out: NDArray[np.uint16],
+    direct: bool = False,
+) -> None:
+    """Read ``band`` = (z0, z1, y0, y1) of the slices into ``out``, a (k, h, W) uint16 array.
+
+    Each layer's rows are one read (:func:`~inkpipe.pipeline.tiff.read_rows_into`); with
+    ``direct``, past the page cache where the file system allows it.
+    """
     z0, z1, y0, y1 = band
     for z in range(z0, z1):
-        prefetch_rows(slices[z], y0, y1)
+        read_rows_into(slices[z], y0, y1, out[z - z0], direct)
 
 
 def copy_band(
     volume_path: Path,
-    slices: tuple[SliceInfo, ...],
     band: tuple[int, int, int, int],
+    data: NDArray[np.uint16],
     mask_bits: NDArray[np.uint8],
     writer: ChunkWriter | None = None,
+    read_s: float = 0.0,
 ) -> BandResult:
-    """Copy one band of slices into the volume and summarise it (a step of :func:`copy_run`).
+    """Summarise one band read by :func:`read_band` and write it (a step of :func:`copy_run`).
 
     Args:
         volume_path: the fragment's ``volume`` array folder.
-        slices: all slices of the fragment.
         band: (z0, z1, y0, y1) chunk-aligned.
+        data: (z1 - z0, y1 - y0, W) uint16: the band's pixels.
         mask_bits: (y1 - y0, ceil(W / 8)) uint8: the band's mask rows packed to bits
             (``np.packbits(rows, axis=1)``; 8x less to hold and to send to a worker).
         writer: writes the band's chunk files directly; None writes through zarr-python.
+        read_s: CPU seconds the band's reading took (reported as the ``read`` stage).
 
     Returns:
         the band's :class:`BandResult`: its statistics inside the mask and stage times.
     """
-    z0, z1, y0, y1 = band
+    y0 = band[2]
     clock = time.thread_time  # CPU time of this thread: shares that other load does not skew
-    t0 = clock()
-    with BAND_BUFFERS.take((z1 - z0, y1 - y0, slices[0].shape[1])) as data:
-        for z in range(z0, z1):
-            read_rows_into(slices[z], y0, y1, data[z - z0])
-        t1 = clock()
-        mask_band = np.unpackbits(mask_bits, axis=1, count=data.shape[2])
-        sums, hists = summarize_band(data, mask_band, y0)
-        t2 = clock()
-        encode_s, write_s = write_band(volume_path, data, band, writer, clock)
-    return BandResult(z0, sums, hists, np.array([t1 - t0, t2 - t1, encode_s, write_s]))
+    t1 = clock()
+    mask_band = np.unpackbits(mask_bits, axis=1, count=data.shape[2])
+    sums, hists = summarize_band(data, mask_band, y0)
+    t2 = clock()
+    encode_s, write_s = write_band(volume_path, data, band, writer, clock)
+    return BandResult(band[0], sums, hists, np.array([read_s, t2 - t1, encode_s, write_s]))
 
 
 def write_band(
@@ -737,7 +792,10 @@ def _write_volume(
     """
     runs = band_runs(frag.shape, settings)
     task = dask.delayed(copy_run, pure=False)
-    tasks = [task(volume_path, frag.slices, r, mask_bits[r[0][2] : r[-1][3]], writer) for r in runs]
+    tasks = [
+        task(volume_path, frag.slices, r, mask_bits[r[0][2] : r[-1][3]], writer, cfg.direct_io)
+        for r in runs
+    ]
     z = frag.shape[0]
     row_bytes = frag.shape[2] * 2
     sizes = {

@@ -386,12 +386,13 @@ def ensure_ome(group: zarr.Group, fragment_id: str) -> bool:
     return True
 
 
-def write_plane(group: zarr.Group, name: str, image: NDArray[np.uint8], chunk_px: int) -> None:
+def write_plane(group: zarr.Group, name: str, image: Any, chunk_px: int) -> None:
     """Write a 2-D uint8 image (mask, labels, ir) into a fragment group, a chunk row at a time.
 
     One ``arr[...] = image`` has zarr encode every chunk at once, holding about half the
     image again in encoded and staged copies (68 MB for a 14830 x 9506 mask); a row of chunks
-    at a time holds one row.
+    at a time holds one row. ``image`` is an (H, W) uint8 array or anything with its
+    ``shape`` whose ``image[y0:y1]`` gives those rows as one (e.g. a mask held as bits).
     """
     arr = group.create_array(
         name,

@@ -18,6 +18,7 @@ import numpy as np
 import tifffile
 from numpy.typing import NDArray
 
+from .direct import read_direct
 from .errors import InputNotFoundError, InvalidInputError
 
 
@@ -108,52 +109,32 @@ def read_rows(info: SliceInfo, y0: int, y1: int) -> NDArray:
     return _read_rows_decoded(info, y0, y1)
 
 
-def read_rows_into(info: SliceInfo, y0: int, y1: int, out: NDArray) -> None:
+def read_rows_into(info: SliceInfo, y0: int, y1: int, out: NDArray, direct: bool = False) -> None:
     """Read rows ``[y0, y1)`` of a slice into ``out``, a C-contiguous (y1 - y0, W) array.
 
-    A contiguous little-endian slice is read straight into ``out`` (one ``preadv``, no copy);
-    any other is read by :func:`read_rows` and copied in (converted to ``out``'s dtype).
+    A contiguous little-endian slice is read straight into ``out`` (one ``preadv``, no copy),
+    or with ``direct`` past the page cache (:func:`~inkpipe.pipeline.direct.read_direct`, one
+    copy from its aligned buffer; the ordinary read where the file system refuses it); any
+    other is read by :func:`read_rows` and copied in (converted to ``out``'s dtype).
     """
     height, width = info.shape
     dtype = np.dtype(info.dtype).newbyteorder(info.byteorder)
     if info.offset >= 0 and dtype.isnative and np.dtype(out.dtype) == dtype:
         view = out.data.cast("B")
-        fd = os.open(info.path, os.O_RDONLY)
-        try:
-            got = os.preadv(fd, [view], info.offset + y0 * width * dtype.itemsize)
-        finally:
-            os.close(fd)
+        start = info.offset + y0 * width * dtype.itemsize
+        got = read_direct(info.path, start, view) if direct else None
+        if got is None:
+            fd = os.open(info.path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [view], start)
+            finally:
+                os.close(fd)
         if got != len(view):
             raise InvalidInputError(
                 f"slice {info.path} is truncated near row {y0}; re-download or re-export it"
             )
         return
     out[...] = read_rows(info, y0, y1)
-
-
-def prefetch_rows(info: SliceInfo, y0: int, y1: int) -> None:
-    """Ask the kernel to start reading rows ``[y0, y1)`` of a slice into the page cache.
-
-    A hint (``POSIX_FADV_WILLNEED``), returned at once: the disk reads while the caller
-    computes, so a later :func:`read_rows_into` of these rows finds them cached. Does nothing
-    for a compressed slice or where the hint is not supported.
-    """
-    if info.offset < 0 or not hasattr(os, "posix_fadvise"):
-        return
-    row_bytes = info.shape[1] * np.dtype(info.dtype).itemsize
-    y0, y1 = max(y0, 0), min(y1, info.shape[0])
-    if y1 <= y0:
-        return
-    try:
-        fd = os.open(info.path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(
-                fd, info.offset + y0 * row_bytes, (y1 - y0) * row_bytes, os.POSIX_FADV_WILLNEED
-            )
-        finally:
-            os.close(fd)
-    except OSError:  # a hint only: the read that follows reports any real problem
-        pass
 
 
 def _read_rows_decoded(info: SliceInfo, y0: int, y1: int) -> NDArray:

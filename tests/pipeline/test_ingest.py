@@ -1,5 +1,6 @@
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -343,32 +344,51 @@ def test_band_buffers_are_reused_and_bounded():
     assert pool._free == []
 
 
-def test_each_band_is_asked_of_the_disk_once_before_it_is_read(
+def test_each_band_is_read_once_by_a_reading_thread_ahead_of_its_copy(
     fragments_dir, tmp_path, monkeypatch
 ):
     events: list[tuple] = []
-    monkeypatch.setattr(
-        ingest_mod,
-        "prefetch_rows",
-        lambda info, y0, y1: events.append(("ask", info.path, y0, y1)),
-    )
-    real = ingest_mod.read_rows_into
+    real_read, real_copy = ingest_mod.read_rows_into, ingest_mod.copy_band
 
-    def read(info, y0, y1, out):
-        events.append(("read", info.path, y0, y1))
-        return real(info, y0, y1, out)
+    def read(info, y0, y1, out, direct=False):
+        frag, layer = info.path.parent.parent.name, int(info.path.stem)
+        events.append(("read", threading.get_ident(), direct, frag, layer, y0, y1))
+        return real_read(info, y0, y1, out, direct)
+
+    def copy(volume_path, band, *args, **kwargs):
+        events.append(("copy", threading.get_ident(), Path(volume_path).parent.name, band))
+        return real_copy(volume_path, band, *args, **kwargs)
 
     monkeypatch.setattr(ingest_mod, "read_rows_into", read)
+    monkeypatch.setattr(ingest_mod, "copy_band", copy)
     run(fragments_dir, tmp_path / "s.zarr", workers=1)
-    asked = [e[1:] for e in events if e[0] == "ask"]
-    read_ = [e[1:] for e in events if e[0] == "read"]
-    assert sorted(asked) == sorted(read_) and len(set(asked)) == len(asked) > 0
-    for key in read_:  # asked before read
-        assert events.index(("ask", *key)) < events.index(("read", *key))
+    reads = [e for e in events if e[0] == "read"]
+    copies = [e for e in events if e[0] == "copy"]
+    keys = [e[3:] for e in reads]
+    assert copies and len(set(keys)) == len(keys)  # each slice's band read once
+    assert all(e[2] for e in reads)  # direct I/O by default
+    assert not {e[1] for e in reads} & {e[1] for e in copies}  # read by another thread
+    for i in (i for i, e in enumerate(events) if e[0] == "copy"):
+        _, _, frag, (z0, z1, y0, y1) = events[i]
+        wanted = {(frag, z, y0, y1) for z in range(z0, z1)}
+        assert wanted <= {e[3:] for e in events[:i] if e[0] == "read"}  # read before
     runs = ingest_mod.band_runs((12, 96, 80), TINY)  # fragment 1: runs of one range of layers
     assert all(len({b[0] for b in r}) == 1 for r in runs) and len(runs) < len(
         ingest_mod.band_tasks((12, 96, 80), TINY)
     )
+
+
+def test_direct_and_buffered_ingest_write_the_same_store(fragments_dir, tmp_path):
+    stores = {}
+    for direct in (True, False):
+        out = tmp_path / f"s{direct}.zarr"
+        run(fragments_dir, out, direct_io=direct)
+        stores[direct] = {
+            p.relative_to(out): p.read_bytes()
+            for p in sorted((out / "1" / "volume").rglob("*"))
+            if p.is_file()
+        }
+    assert stores[True] == stores[False] and len(stores[True]) > 1
 
 
 def test_a_broken_ir_image_is_a_one_line_error_and_the_fragment_is_redone(fragments_dir, tmp_path):
