@@ -3,9 +3,9 @@
 Ingest reads every byte of a CT slice once and writes every chunk once, so the page cache only
 costs it: the kernel allocates, fills, reclaims and writes back a page for each 4 KiB. On the
 benchmark machine that was most of ingest's CPU at fragment-2 size: reading cold slices cost
-2.0 s of CPU a GB buffered and 0.11 s with ``O_DIRECT``; writing 2 MB chunk files 2.3 s a GB
-buffered (3.8 s with the writeback started at once), 0.32 s with ``O_DIRECT``
-(``python benchmarks/bench_direct_io.py``).
+1.0-2.7 s of CPU a GB buffered and 0.14-0.19 s with ``O_DIRECT``; writing 2 MB chunk files
+1.5-3.6 s a GB buffered, 0.65-0.94 s with ``O_DIRECT`` (``python
+benchmarks/bench_direct_io.py``; the README has the figures).
 
 ``O_DIRECT`` wants the file offset, the length and the memory address aligned to the device's
 block (:data:`ALIGN` covers 512 B and 4 KiB devices): reads take the aligned span around the
