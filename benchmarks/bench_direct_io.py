@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import evict
 
 from inkpipe.pipeline.direct import read_direct, write_direct
 from inkpipe.pipeline.tiff import inspect_slice
@@ -30,17 +31,6 @@ from inkpipe.pipeline.tiff import inspect_slice
 BAND_ROWS = 512
 BAND_LAYERS = 4
 CHUNK_BYTES = 2 * 1024 * 1024 + 16  # a 4 x 512 x 512 uint16 chunk in a Blosc frame
-
-
-def drop_from_cache(paths: list[Path]) -> None:
-    """Write back and drop ``paths`` from the page cache, so the next read is cold."""
-    os.sync()
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def read_all(paths: list[Path], mode: str) -> tuple[float, float, int]:
@@ -112,7 +102,7 @@ def main() -> None:
     print("| what | mode | GB | wall s | MB/s | CPU s a GB |")
     print("|---|---|---|---|---|---|")
     for mode in ("buffered", "willneed", "direct"):
-        drop_from_cache(paths)
+        evict(paths)
         wall, cpu, nbytes = read_all(paths, mode)
         print(
             f"| read cold slices | {mode} | {nbytes / 1e9:.2f} | {wall:.1f} | "
