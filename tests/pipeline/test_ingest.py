@@ -47,6 +47,12 @@ def test_ingest_roundtrip(fragments_dir, tmp_path):
     assert f.volume.chunks == (4, 64, 64)
     assert frags["a"].labels() is None and frags["a"].meta.split == "test"
     assert frags["1"].ir() is not None
+    # the mask plane (written from the mask's bits) and the IR plane (after the volume), exact;
+    # fragment 2 is 100 px wide: the bits' last byte is partly padding
+    src_dir = fragments_dir / "train" / "2"
+    mask_src = np.asarray(Image.open(src_dir / "mask.png")) > 0
+    np.testing.assert_array_equal(f.mask(), mask_src.astype(np.uint8))
+    np.testing.assert_array_equal(f.ir(), np.asarray(Image.open(src_dir / "ir.png")))
     # statistics inside the mask, of the rows y % STATS_ROW_STEP == 0, exact for mean and std
     step = ingest_mod.STATS_ROW_STEP
     vol = f.volume[:, ::step].astype(np.float64)
