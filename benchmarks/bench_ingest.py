@@ -66,6 +66,7 @@ def ingest_code(
         f"""
 import json, os, resource
 from pathlib import Path
+import inkpipe.cli.pipeline  # what `inkpipe ingest` imports counts in its start-up and RSS
 from inkpipe.pipeline.ingest import IngestConfig, ingest
 from inkpipe.pipeline.store import StoreSettings
 s = StoreSettings(chunk_layers={chunk_layers}, chunk_px={chunk_px}, codec={codec!r},

@@ -16,8 +16,6 @@ from typing import Any
 
 import click
 
-from inkpipe.train.devices import DEVICE_HELP
-
 __all__ = ["choice_of", "default_of", "device_option"]
 
 
@@ -57,8 +55,12 @@ def device_option(config: type) -> Callable[[Callable[..., Any]], Callable[..., 
     """Return the ``--device`` option of a command whose config is ``config``.
 
     The spelling (auto, cpu, cuda, cuda:N) is checked by the config, the GPU's existence
-    when the device is chosen (:func:`inkpipe.train.devices.select_device`).
+    when the device is chosen (:func:`inkpipe.train.devices.select_device`). Imported here, not
+    at the top: the stage commands without a device (``ingest``, ``info``, ``synth``) share
+    this module and must not import torch (~0.5 GB of RSS, seconds of start-up).
     """
+    from inkpipe.train.devices import DEVICE_HELP
+
     return click.option(
         "--device",
         default=default_of(config, "device"),

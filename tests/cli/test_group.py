@@ -95,6 +95,24 @@ def test_help_imports_no_stage():
     assert run.stdout.strip() == "['inkpipe.cli.group']"
 
 
+def test_data_commands_import_no_torch(tmp_path):
+    # synth, ingest and info have no model: importing torch would add ~0.5 GB to ingest's
+    # peak RSS (whose target is < 0.5 GB) and seconds to every start.
+    code = (
+        "import sys; from click.testing import CliRunner; from inkpipe.cli import cli;"
+        f"d = {str(tmp_path)!r};"
+        "r = [CliRunner().invoke(cli, a) for a in (['synth', d + '/f', '--train', '1',"
+        " '--test', '0', '--height', '64', '--width', '64', '--layers', '8'],"
+        " ['ingest', d + '/f', '--out', d + '/s.zarr'], ['info', d + '/s.zarr'])];"
+        "assert all(x.exit_code == 0 for x in r), [x.output for x in r];"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'albumentations',"
+        " 'segmentation_models_pytorch'}))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_one_line_keeps_the_last_line_of_a_worker_traceback():
     worker = ValueError(
         "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent "
