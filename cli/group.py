@@ -48,7 +48,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Predict ink on fragments; write submission.csv and pictures.",
     ),
     "evaluate": (
-        "inkpipe.cli.infer",
+        "inkpipe.cli.evaluate",
         "evaluate_command",
         "Score a submission CSV against ink labels (F0.5).",
     ),

@@ -1,4 +1,4 @@
-"""``inkpipe predict`` and ``inkpipe evaluate``: parse options into a config, call one function."""
+"""``inkpipe predict``: parse options into a config, call one function."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 import click
 
 from inkpipe.infer.engine import Precision
-from inkpipe.infer.evaluate import EvaluateConfig, evaluate
 from inkpipe.infer.predict import RECORD, PredictConfig, format_predictions, predict
 from inkpipe.infer.tta import TtaMode
 from inkpipe.pipeline.errors import ConfigError
@@ -205,33 +204,3 @@ def predict_command(config_file: Path | None, **params: Any) -> None:
     cfg = predict_config(params, given, config_file)
     results = predict(cfg, log=click.echo)
     click.echo(format_predictions(results, cfg.out))
-
-
-@click.command("evaluate", short_help="Score a submission CSV against ink labels (F0.5).")
-@click.argument("submission", type=click.Path(path_type=Path))
-@click.option(
-    "--labels",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Folder with the ink labels: <id>/inklabels.png (fragment layout) or <id>.png. Its "
-    "label images are the fragments expected.",
-)
-@click.option(
-    "--beta",
-    type=float,
-    default=default_of(EvaluateConfig, "beta"),
-    show_default=True,
-    help="F-beta weight of recall; the competition scored F0.5.",
-)
-def evaluate_command(submission: Path, labels: Path, beta: float) -> None:
-    """Score a submission CSV against ink labels, per fragment and on average.
-
-    Every row is decoded at its label image's shape and scored over the whole image, as the
-    competition did. Every fragment with a label image needs a row: a missing row is scored
-    as an empty mask (F0.5 0 when the fragment has ink) and counted in the mean; a row
-    without a label image is listed as extra and not scored. An empty Predicted is a valid
-    empty mask. Label images are read as in ingest: 0/1 (1 is ink), 8-bit grey (ink above 127)
-    or 1-bit; 16-bit, coloured, transparent and all-ink images are refused.
-    """
-    report = evaluate(EvaluateConfig(submission=submission, labels=labels, beta=beta))
-    click.echo(report.to_table())

@@ -96,14 +96,16 @@ def test_help_imports_no_stage():
 
 
 def test_data_commands_import_no_torch(tmp_path):
-    # synth, ingest and info have no model: importing torch would add ~0.5 GB to ingest's
+    # synth, ingest, info and evaluate have no model: importing torch would add ~0.5 GB to ingest's
     # peak RSS (whose target is < 0.5 GB) and seconds to every start.
+    (tmp_path / "sub.csv").write_text("Id,Predicted\n1,1 5\n")
     code = (
         "import sys; from click.testing import CliRunner; from inkpipe.cli import cli;"
         f"d = {str(tmp_path)!r};"
         "r = [CliRunner().invoke(cli, a) for a in (['synth', d + '/f', '--train', '1',"
         " '--test', '0', '--height', '64', '--width', '64', '--layers', '8'],"
-        " ['ingest', d + '/f', '--out', d + '/s.zarr'], ['info', d + '/s.zarr'])];"
+        " ['ingest', d + '/f', '--out', d + '/s.zarr'], ['info', d + '/s.zarr'],"
+        " ['evaluate', d + '/sub.csv', '--labels', d + '/f/train'])];"
         "assert all(x.exit_code == 0 for x in r), [x.output for x in r];"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'albumentations',"
         " 'segmentation_models_pytorch'}))"
