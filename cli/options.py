@@ -56,8 +56,8 @@ def device_option(config: type) -> Callable[[Callable[..., Any]], Callable[..., 
 
     The spelling (auto, cpu, cuda, cuda:N) is checked by the config, the GPU's existence
     when the device is chosen (:func:`inkpipe.train.devices.select_device`). Imported here, not
-    at the top: the stage commands without a device (``ingest``, ``info``, ``synth``) share
-    this module and must not import torch (~0.5 GB of RSS, seconds of start-up).
+    at the top: the commands without a device (``ingest``, ``info``, ``synth``, ``evaluate``)
+    share this module and must not import torch (~0.5 GB of RSS, seconds of start-up).
     """
     from inkpipe.train.devices import DEVICE_HELP
 
