@@ -83,6 +83,13 @@ def test_listed_short_help_is_the_commands_own(name):
     assert cmd is not None and cmd.get_short_help_str(limit=200) == COMMANDS[name][2]
 
 
+def _python_stdout(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (so imports start from nothing); return its stdout."""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
+
+
 def test_help_imports_no_stage():
     code = (
         "import sys; from click.testing import CliRunner; from inkpipe.cli import cli;"
@@ -90,9 +97,7 @@ def test_help_imports_no_stage():
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'zarr', 'dask', "
         "'numpy') or m.startswith(('inkpipe.train', 'inkpipe.infer', 'inkpipe.cli.'))))"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip() == "['inkpipe.cli.group']"
+    assert _python_stdout(code).strip() == "['inkpipe.cli.group']"
 
 
 def test_data_commands_import_no_torch(tmp_path):
@@ -110,9 +115,7 @@ def test_data_commands_import_no_torch(tmp_path):
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'albumentations',"
         " 'segmentation_models_pytorch'}))"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip().splitlines()[-1] == "[]"
+    assert _python_stdout(code).strip().splitlines()[-1] == "[]"
 
 
 def test_one_line_keeps_the_last_line_of_a_worker_traceback():
