@@ -19,6 +19,7 @@ from inkpipe.train.augment import AugLevel
 from inkpipe.train.config import TrainConfig, Validation, parse_validation
 from inkpipe.train.losses import LossName, LossSpec
 from inkpipe.train.models import OUTPUT_STRIDES, ModelName, ModelSpec
+from inkpipe.train.recipe import EPOCHS
 
 from .configfile import given_on_command_line, read_config_file
 from .options import choice_of, default_of, device_option
@@ -238,7 +239,12 @@ def train_config(
     type=choice_of(AugLevel),
     help="none; light = flips + rot90; full = light + brightness/contrast, affine, cut-out.",
 )
-@click.option("--epochs", type=int, default=default_of(TrainConfig, "epochs"), show_default=True)
+@click.option(
+    "--epochs",
+    type=int,
+    default=default_of(TrainConfig, "epochs"),
+    help=f"Epochs to train [recipe: {EPOCHS}; with --max-minutes, as many as the budget allows].",
+)
 @click.option(
     "--steps-per-epoch",
     type=int,

@@ -130,7 +130,7 @@ class TrainConfig:
         ema_decay: decay of the exponential moving average of the weights that is validated
             and saved (0: off, the raw weights are).
         epochs, steps_per_epoch, batch_size: schedule (samples/epoch = steps x batch;
-            None: the recipe's: 20 epochs, or as many as ``max_minutes`` allow).
+            None: the recipe's: 40 epochs, or as many as ``max_minutes`` allow).
         lr: peak learning rate after warm-up; weight_decay: AdamW decay.
         warmup_steps: linear warm-up length; restart_epochs: first period of the cosine
             warm restarts (doubling afterwards).

@@ -39,7 +39,7 @@ def test_cpu_recipe_fills_only_unset_options():
     r = RECIPES["cpu"]
     assert got.model is not None and got.model.name == r.model and got.model.encoder == r.encoder
     assert got.model.output_stride == got.output_stride == r.output_stride
-    assert (got.tile_px, got.batch_size, got.epochs) == (r.tile_px, r.batch_size, 20)
+    assert (got.tile_px, got.batch_size, got.epochs) == (r.tile_px, r.batch_size, 40)
     assert got.model.in_channels == 10
     mine = TrainConfig(
         store=Path("s"),
