@@ -483,8 +483,9 @@ def run_accelerated(
     """Tiled prediction with a model that leaves the CPU idle while it runs, as a GPU does.
 
     The ideal time is the model's alone (the sleeps, as long as they really took: calls x
-    ``ms_per_batch`` and the kernel's late wake-ups); the ratio ideal / wall time says how much of the reading, blending and TTA work hides behind the model. Wall
-    clock, since the point is the CPU's idle time.
+    ``ms_per_batch`` and the kernel's late wake-ups); the ratio ideal / wall time says how much
+    of the reading, blending and TTA work hides behind the model. Wall clock, since the point
+    is the CPU's idle time.
     """
     frag = open_fragment(open_store(store), "f")
     spec = RATIO_MODELS["stem3d-small-s4"]
